@@ -1,0 +1,2 @@
+"""mdt_jax: merging Decision Transformers in JAX/Flax."""
+__version__ = "0.1.0"
