@@ -1,0 +1,149 @@
+"""Model checkpoints: an orbax pytree plus JSON config metadata, rebuilt from the folder alone.
+
+Layout of a checkpoint folder::
+
+    DIR/mdt.json    {"format": "mdt_jax.dt", "format_version": 1, "config": DTConfig, "metadata": {...}}
+    DIR/params/     orbax StandardCheckpointer pytree (plain nested dict)
+
+Writes are atomic: the folder is assembled under a temporary sibling name and renamed into
+place, so a reader sees either no checkpoint or a complete one. An existing checkpoint is
+never replaced unless `overwrite=True`. `load` validates the JSON and every array's shape and
+dtype against the config before anything is restored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mdt_jax.models.dt import DTConfig, param_shapes
+
+FORMAT = "mdt_jax.dt"
+FORMAT_VERSION = 1
+META_FILE = "mdt.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, not a DT, or does not match its config."""
+
+
+def tree_paths(tree) -> dict[str, Any]:
+    """{'block_0/attn/c_attn/kernel': leaf, ...} for a nested-dict pytree."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def check_params(cfg: DTConfig, params, what: str = "params") -> None:
+    """Raise CheckpointError listing every path whose presence, shape or dtype differs from cfg."""
+    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tree_paths(param_shapes(cfg)).items()}
+    got = {k: (tuple(np.shape(v)), np.dtype(getattr(v, "dtype", np.float32))) for k, v in tree_paths(params).items()}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: shape/dtype {got[k]} != expected {want[k]}" for k in sorted(set(want) & set(got))
+                 if got[k] != want[k]]
+    if problems:
+        raise CheckpointError(f"{what} do not fit the DT config: " + "; ".join(problems[:20])
+                              + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+
+
+def _json_safe(obj):
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
+
+
+def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict | None = None, *,
+         overwrite: bool = False) -> str:
+    """Atomically write params + config (+ JSON metadata) to `directory`. Returns the path."""
+    directory = os.path.abspath(os.fspath(directory))
+    check_params(config, params)
+    for path, leaf in tree_paths(params).items():
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise CheckpointError(f"refusing to save non-finite values at {path}")
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"checkpoint {directory} already exists (pass overwrite=True to replace it)")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
+            "metadata": _json_safe(metadata or {})}
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(tmp)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
+        ckptr.wait_until_finished()
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(directory):
+            old = tmp + ".old"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_meta(directory: str | os.PathLike) -> tuple[DTConfig, dict]:
+    """Validate `DIR/mdt.json` and return (config, metadata) without touching any array."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, META_FILE)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint folder at {directory}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} is not an mdt_jax DT checkpoint: {META_FILE} is missing")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r} (not a DT checkpoint)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    try:
+        cfg = DTConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config: {e}") from None
+    return cfg, meta.get("metadata") or {}
+
+
+def load(directory: str | os.PathLike) -> tuple[DTConfig, dict, dict]:
+    """Return (config, params, metadata). Shapes are checked against the config before restoring."""
+    directory = os.path.abspath(os.fspath(directory))
+    cfg, metadata = read_meta(directory)
+    pdir = os.path.join(directory, "params")
+    if not os.path.isdir(pdir):
+        raise CheckpointError(f"{directory}: params/ is missing (incomplete checkpoint)")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        stored = ckptr.metadata(pdir)
+        stored = getattr(stored, "item_metadata", stored)
+        check_params(cfg, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(stored),
+                                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype")),
+                     what=f"arrays stored in {pdir}")
+        target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), param_shapes(cfg))
+        params = ckptr.restore(pdir, target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
+        raise CheckpointError(f"{pdir} could not be read (corrupt or truncated checkpoint): "
+                              f"{type(e).__name__}: {str(e)[:300]}") from None
+    params = jax.tree.map(np.asarray, params)
+    for path, leaf in tree_paths(params).items():
+        if not np.all(np.isfinite(leaf)):
+            raise CheckpointError(f"{pdir}: non-finite values at {path}")
+    return cfg, params, metadata
