@@ -1,0 +1,39 @@
+"""Train one single-task Decision Transformer on an offline dataset.
+
+    python -m launch.train --config=configs/train.py --config.task=hopper \
+        --config.dataset=PATH.hdf5 --workdir=runs/dt_hopper
+
+`--config.dataset` takes a D4RL-layout HDF5 (.hdf5/.h5), a reference trajectory pickle (.pkl), or
+`minari:<dataset id>` (looked up under MINARI_DATASETS_PATH). Every field can be overridden with
+`--config.<field>=<value>`; an unknown field or a value of the wrong type is an error.
+Defaults are the reference's single-task settings (H128 L3 1 head K20, AdamW 1e-4, batch 64).
+"""
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        hidden_size=128, n_layer=3, n_head=1, context_len=20, max_ep_len=1000, dropout=0.1,
+        activation="relu", action_tanh=True, timestep_embedding="after_ln", init_scheme="gpt2"))
+
+
+def train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        batch_size=64, learning_rate=1e-4, weight_decay=1e-4, warmup_steps=10_000, grad_clip=0.25,
+        init_reg=0.0, init_reg_on="blocks", freeze=""))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "hopper"
+    c.dataset = ""
+    c.seed = 0
+    c.num_steps = 100_000
+    c.steps_per_call = 100
+    c.checkpoint_every = 5_000
+    c.log_every = 100
+    c.rtg_scale = 1000.0
+    c.init_from = ""  # a DT checkpoint whose params start training (e.g. a common init)
+    c.model = model_config()
+    c.train = train_config()
+    return c
