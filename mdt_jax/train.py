@@ -167,7 +167,7 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
 
         (loss, (act, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tcfg.grad_clip / (gnorm + 1e-6)), grads)
         opt = _optimizer(tcfg, state.hparams, state.step)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
