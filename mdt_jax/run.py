@@ -72,3 +72,71 @@ def train_from_config(config, workdir: str) -> str:
             "rtg_scale": float(config.rtg_scale), "steps": int(state.step), "seed": int(config.seed),
             "train": _plain(config.train)}
     return checkpoint.save(model_dir, jax.device_get(state.params), cfg, meta)
+
+
+def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "return_std", "return_over_target",
+                                          "normalized", "length_mean")) -> str:
+    """A Markdown table of result rows."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    import json
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def evaluate_from_config(config, workdir: str) -> str:
+    """Run configs/evaluate.py: load the checkpoint, evaluate, write `workdir/eval.json`; returns the table."""
+    import time
+
+    from tqdm import tqdm
+
+    from mdt_jax import envs, evaluate as ev
+
+    if not config.checkpoint:
+        raise ValueError("config.checkpoint: no checkpoint given")
+    for f in ("episodes", "max_steps"):
+        if config[f] <= 0:
+            raise ValueError(f"config.{f}: must be a positive int, got {config[f]}")
+    cfg, params, meta = checkpoint.load(config.checkpoint)
+    if "state_mean" not in meta and "stats" not in meta:
+        raise ValueError(f"config.checkpoint: {config.checkpoint} has no normalisation stats in its metadata "
+                         "(not a trained DT policy)")
+    own = list(cfg.task_names) if cfg.multi else [meta.get("task")]
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] or own
+    for t in tasks:
+        envs.get_task(t)
+    if config.target_return < 0:
+        raise ValueError(f"config.target_return: must be >= 0, got {config.target_return}")
+    stats = {}
+    for t in tasks:
+        src = t if cfg.multi else (meta.get("task") if t not in own else t)
+        s = ev.stats_from_metadata(meta, src if cfg.multi else None)
+        target = config.target_return or envs.target_return(t)
+        stats[t] = ev.TaskStats(s.state_mean, s.state_std, target, s.rtg_scale)
+    out = os.path.join(workdir, "eval.json")
+    os.makedirs(workdir, exist_ok=True)
+    total = config.episodes * config.max_steps * len(tasks)
+    bar = tqdm(total=total, unit="env-step", unit_scale=True, desc="evaluate", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    results = ev.evaluate(cfg, params, tasks, stats, episodes=config.episodes, max_steps=config.max_steps,
+                          seed=config.seed, executor=config.executor, progress=bar.update)
+    bar.close()
+    wall = time.perf_counter() - t0
+    rows = [r.summary() for r in results]
+    report = {"checkpoint": os.path.abspath(config.checkpoint), "executor": envs.resolve_executor(config.executor),
+              "seed": config.seed, "wall_s": wall, "env_steps": int(sum(r.lengths.sum() for r in results)),
+              "results": rows, "episodes": {r.task: {"returns": r.returns[0].tolist(),
+                                                     "lengths": r.lengths[0].tolist()} for r in results}}
+    write_json_atomic(out, report)
+    nan = sum(r["nan_action_steps"] for r in rows)
+    warn = f"\nwarning: {nan} steps had non-finite actions (replaced by 0)" if nan else ""
+    return results_table(rows) + warn

@@ -65,6 +65,7 @@ def test_fast_path_equals_full_forward(order, act):
     fast = apply(cfg, p, *x)
     _, full, _ = apply(cfg, p, *x, outputs="all")
     np.testing.assert_allclose(fast, full, atol=1e-6)
+    np.testing.assert_allclose(apply(cfg, p, *x, outputs="last"), full[:, -1], atol=1e-6)
 
 
 def test_causal_and_padding_invariance():

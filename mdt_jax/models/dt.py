@@ -297,7 +297,9 @@ class DecisionTransformer(nn.Module):
 
     `outputs='action'` (default) returns the action predictions and computes the last block only
     at the state tokens, which is all the action head reads (exact, ~18% fewer FLOPs at L3).
-    `outputs='all'` returns (state_preds, action_preds, return_preds) like transformers.
+    `outputs='last'` returns only the last step's action (B, A), as a policy needs: the last block
+    runs for that one token. `outputs='all'` returns (state_preds, action_preds, return_preds) like
+    transformers.
     """
 
     cfg: DTConfig
@@ -352,14 +354,17 @@ class DecisionTransformer(nn.Module):
         allowed = causal[None] & tok_mask[:, None, :]
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # (B,1,T,T)
 
-        if outputs == "action":
+        if outputs in ("action", "last"):
+            rows = slice(1, None, 3)
+            if outputs == "last":  # only the last state token; the trailing action token is unused
+                x, bias, rows = x[:, :-1], bias[..., :-1, :-1], slice(T - 2, T - 1)
             for blk in self.blocks[:-1]:
                 x = blk(x, bias, deterministic=deterministic)
-            x_s = self.blocks[-1](x, bias, deterministic=deterministic, query_rows=slice(1, None, 3))
-            x_s = self.ln_f(x_s)
-            return self._select([io.action(x_s) for io in ios], task_id, cfg.act_dim)
+            x_s = self.ln_f(self.blocks[-1](x, bias, deterministic=deterministic, query_rows=rows))
+            out = self._select([io.action(x_s) for io in ios], task_id, cfg.act_dim)
+            return out[:, 0] if outputs == "last" else out
         if outputs != "all":
-            raise ValueError(f"outputs must be 'action' or 'all', got {outputs!r}")
+            raise ValueError(f"outputs must be 'action', 'last' or 'all', got {outputs!r}")
         for blk in self.blocks:
             x = blk(x, bias, deterministic=deterministic)
         x = self.ln_f(x).reshape(B, K, 3, cfg.hidden_size)

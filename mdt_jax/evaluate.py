@@ -1,0 +1,336 @@
+"""Batched closed-loop evaluation: E episodes x T tasks x M parameter sets in one call.
+
+The DT's context is a fixed-size ring buffer (`Context`): step t writes slot t % K, and the policy
+reads the K slots oldest-first, left-padded with zeros and masked, exactly what the reference's
+`get_action` builds from its growing history (zero padding at evaluation). The return-to-go
+starts at target / scale and decreases by r / scale each step; finished episodes are masked and
+stop accruing reward.
+
+Executors (`mdt_jax.envs`):
+- native (CPU): physics for every live episode runs in MuJoCo C; the policy is one jitted call
+  per step over the live episodes only, gathered per candidate into power-of-two buckets so that
+  the shapes (and compilations) stay few as episodes end.
+- mjx (GPU/TPU): policy plus physics for the whole episode is one `lax.scan`, vmapped over
+  candidates and episodes.
+
+`evaluate_sequential` is the original protocol, step for step: batch 1, a growing history cut
+to the last K steps, zero padding. It exists to check the batched evaluator against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdt_jax import envs
+from mdt_jax.models.dt import DTConfig, apply, param_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStats:
+    """Per-task state normalisation (from the training dataset) and the rtg target."""
+
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    target_return: float
+    rtg_scale: float = 1000.0
+
+
+@flax.struct.dataclass
+class Context:
+    """Ring buffer of the last K steps for N episodes; slot t % K holds step t."""
+
+    states: jax.Array     # (N, K, S) normalised
+    actions: jax.Array    # (N, K, A)
+    rtg: jax.Array        # (N, K, 1) scaled
+    timesteps: jax.Array  # (N, K) int32
+
+    @classmethod
+    def zeros(cls, n: int, K: int, state_dim: int, act_dim: int) -> "Context":
+        z = lambda *s: jnp.zeros((n, K) + s, jnp.float32)
+        return cls(z(state_dim), z(act_dim), z(1), jnp.zeros((n, K), jnp.int32))
+
+
+def context_view(ctx: Context, t) -> tuple[jax.Array, ...]:
+    """(states, actions, rtg, timesteps, mask) oldest-first as of step t, zero-padded on the left."""
+    K = ctx.timesteps.shape[1]
+    order = (t + 1 + jnp.arange(K)) % K
+    mask = jnp.arange(K) >= K - 1 - jnp.minimum(t, K - 1)
+    pick = lambda x: jnp.where(mask.reshape((1, K) + (1,) * (x.ndim - 2)), x[:, order], 0)
+    return pick(ctx.states), pick(ctx.actions), pick(ctx.rtg), pick(ctx.timesteps), \
+        jnp.broadcast_to(mask, ctx.timesteps.shape).astype(jnp.float32)
+
+
+def policy_step(cfg: DTConfig, params, ctx: Context, t, obs_norm, rtg, task_id=None):
+    """Write step t (state, rtg, timestep, zero action), predict its action, store it.
+
+    obs_norm (N, S) is already normalised; rtg (N,) is scaled. Returns (actions (N, A), ctx).
+    """
+    slot = t % ctx.timesteps.shape[1]
+    ts = jnp.minimum(t, cfg.max_ep_len - 1)
+    ctx = ctx.replace(states=ctx.states.at[:, slot].set(obs_norm),
+                      actions=ctx.actions.at[:, slot].set(0.0),
+                      rtg=ctx.rtg.at[:, slot, 0].set(rtg),
+                      timesteps=ctx.timesteps.at[:, slot].set(ts))
+    s, a, r, tt, m = context_view(ctx, t)
+    tid = None if task_id is None else jnp.full((s.shape[0],), task_id, jnp.int32)
+    action = apply(cfg, params, s, a, r, tt, m, tid, outputs="last")
+    return action, ctx.replace(actions=ctx.actions.at[:, slot].set(action))
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    returns: np.ndarray       # (M, E)
+    lengths: np.ndarray       # (M, E)
+    nan_actions: np.ndarray   # (M, E) number of steps whose action had a non-finite entry
+    target_return: float
+
+    def summary(self, m: int = 0) -> dict:
+        r = self.returns[m]
+        return {"task": self.task, "episodes": int(r.size), "return_mean": float(r.mean()),
+                "return_std": float(r.std()), "length_mean": float(self.lengths[m].mean()),
+                "return_over_target": float(r.mean() / self.target_return),
+                "normalized": float(envs.normalized_score(self.task, r.mean())),
+                "normalized_std": float(np.std(envs.normalized_score(self.task, r))),
+                "nan_action_steps": int(self.nan_actions[m].sum())}
+
+
+def _num_candidates(cfg: DTConfig, params) -> int | None:
+    """None for one param set; M when every leaf has an extra leading axis of size M."""
+    want = param_shapes(cfg)
+    leaves_w, leaves_p = jax.tree.leaves(want), jax.tree.leaves(params)
+    if jax.tree.structure(want) != jax.tree.structure(params):
+        from mdt_jax.checkpoint import check_params
+        check_params(cfg, params)  # raises, listing the paths
+    if all(np.shape(p) == w.shape for p, w in zip(leaves_p, leaves_w)):
+        return None
+    ms = {np.shape(p)[0] if np.ndim(p) == len(w.shape) + 1 and np.shape(p)[1:] == w.shape else -1
+          for p, w in zip(leaves_p, leaves_w)}
+    if len(ms) != 1 or -1 in ms:
+        bad = [jax.tree_util.keystr(k) for (k, p), w in zip(jax.tree_util.tree_flatten_with_path(params)[0], leaves_w)
+               if np.shape(p) not in (w.shape,) and np.shape(p)[1:] != w.shape]
+        raise ValueError(f"params do not fit the model config (expected shapes {'or a stacked leading axis'}); "
+                         f"mismatched: {bad[:10]}")
+    return ms.pop()
+
+
+def _check_task_fits(cfg: DTConfig, task: envs.Task) -> int | None:
+    """The task id routing a multi-task model, or None; errors if the dims don't fit."""
+    if cfg.multi:
+        return cfg.task_index(task.name)
+    if (cfg.state_dim, cfg.act_dim) != (task.obs_dim, task.act_dim):
+        raise ValueError(f"params are for (state_dim, act_dim) = ({cfg.state_dim}, {cfg.act_dim}) but task "
+                         f"{task.name!r} has ({task.obs_dim}, {task.act_dim})")
+    return None
+
+
+def reset_states(task: envs.Task, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (qpos, qvel) episode starts for a seed: episode e starts the same for every candidate."""
+    env = envs.NativeBatchEnv(task, episodes, nthread=1)
+    env.reset(np.random.default_rng([seed, zlib.crc32(task.name.encode())]))
+    return env.state()
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _native_policy(cfg, params, ctx, t, idx, obs_norm, rtg, task_id):
+    """Policy for the live episodes idx (M, b) of a (M, E) batch; vmapped over candidates."""
+    def one(p, c, i, o, r):
+        sub = jax.tree.map(lambda x: x[i], c)
+        a, sub = policy_step(cfg, p, sub, t, o, r, task_id)
+        return a, jax.tree.map(lambda x, y: x.at[i].set(y), c, sub)
+    return jax.vmap(one)(params, ctx, idx, obs_norm, rtg)
+
+
+def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress):
+    E, K = episodes, cfg.context_len
+    qpos, qvel = reset_states(task, E, seed)
+    env = envs.NativeBatchEnv(task, M * E)
+    obs = env.set_state(np.tile(qpos, (M, 1)), np.tile(qvel, (M, 1))).reshape(M, E, -1)
+    ctx = jax.vmap(lambda _: Context.zeros(E, K, cfg.state_dim, cfg.act_dim))(jnp.arange(M))
+    mean, std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
+    rtg = np.full((M, E), stats.target_return / stats.rtg_scale, np.float32)
+    done = np.zeros((M, E), bool)
+    ret = np.zeros((M, E))
+    length = np.zeros((M, E), np.int64)
+    nan = np.zeros((M, E), np.int64)
+    actions = np.zeros((M, E, task.act_dim))
+    pad_s = cfg.state_dim - task.obs_dim
+    tid = jnp.int32(tid) if tid is not None else None
+    for t in range(max_steps):
+        live = ~done
+        n_live = live.sum(1)
+        if not n_live.any():
+            break
+        b = _bucket(int(n_live.max()), E)
+        # per candidate: its live episodes first, padded with (repeated) finished ones
+        idx = np.argsort(done, axis=1, kind="stable")[:, :b]
+        o = (obs[np.arange(M)[:, None], idx] - mean) / std
+        if pad_s:
+            o = np.pad(o, ((0, 0), (0, 0), (0, pad_s)))
+        a, ctx = _native_policy(cfg, params, ctx, jnp.int32(t), jnp.asarray(idx), jnp.asarray(o, jnp.float32),
+                                jnp.asarray(rtg[np.arange(M)[:, None], idx]), tid)
+        a = np.asarray(a)[..., :task.act_dim]
+        valid = np.arange(b)[None] < n_live[:, None]
+        rows = np.nonzero(valid)
+        actions[rows[0], idx[rows]] = a[rows]
+        obs_f, r, term, trunc, info = env.step(actions.reshape(M * E, -1))
+        obs = obs_f.reshape(M, E, -1)
+        r = r.reshape(M, E)
+        ret += np.where(live, r, 0.0)
+        length += live
+        nan += live & info["nan_action"].reshape(M, E)
+        rtg = rtg - (r / stats.rtg_scale).astype(np.float32)
+        done |= (term | trunc).reshape(M, E)
+        if progress is not None:
+            progress(int(live.sum()))
+    return ret, length, nan
+
+
+def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress):
+    from mdt_jax.envs.mjx import MjxEnv
+
+    env = MjxEnv(task)
+    E, K = episodes, cfg.context_len
+    qpos, qvel = reset_states(task, E, seed)
+    mean, std = jnp.asarray(stats.state_mean, jnp.float32), jnp.asarray(stats.state_std, jnp.float32)
+    pad_s = cfg.state_dim - task.obs_dim
+
+    def episode(p):
+        st = jax.vmap(env.init_state)(jnp.asarray(qpos, jnp.float32), jnp.asarray(qvel, jnp.float32))
+        ctx = Context.zeros(E, K, cfg.state_dim, cfg.act_dim)
+        rtg0 = jnp.full((E,), stats.target_return / stats.rtg_scale, jnp.float32)
+        zeros = jnp.zeros((E,))
+
+        def body(carry, t):
+            st, ctx, rtg, done, ret, length, nan = carry
+            o = jnp.pad((st.obs - mean) / std, ((0, 0), (0, pad_s)))
+            a, ctx = policy_step(cfg, p, ctx, t, o, rtg, tid)
+            st = jax.vmap(env.step)(st, a[:, :task.act_dim])
+            live = ~done
+            ret = ret + jnp.where(live, st.reward, 0.0)
+            length = length + live
+            nan = nan + (live & st.info["nan_action"])
+            done = done | (st.done > 0)
+            return (st, ctx, rtg - st.reward / stats.rtg_scale, done, ret, length, nan), None
+
+        init = (st, ctx, rtg0, jnp.zeros((E,), bool), zeros, zeros.astype(jnp.int32), zeros.astype(jnp.int32))
+        (_, _, _, _, ret, length, nan), _ = jax.lax.scan(body, init, jnp.arange(max_steps))
+        return ret, length, nan
+
+    out = jax.jit(jax.vmap(episode))(params)
+    out = jax.tree.map(np.asarray, out)
+    if progress is not None:
+        progress(int(out[1].sum()))
+    return out
+
+
+def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskStats], *, episodes: int = 50,
+             max_steps: int = 1000, seed: int = 0, executor: str = "auto",
+             progress: Callable[[int], None] | None = None) -> list[TaskResult]:
+    """Evaluate one param set, or M stacked on a leading axis, on every task in `tasks`.
+
+    `stats[task]` gives the normalisation and target. Every candidate sees the same episode starts.
+    `progress(n)` is called with the number of env steps just taken. Returns one TaskResult per task,
+    arrays shaped (M, episodes) (M = 1 for a single param set).
+    """
+    if not isinstance(episodes, int) or episodes <= 0:
+        raise ValueError(f"episodes must be a positive int, got {episodes!r}")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    M = _num_candidates(cfg, params)
+    stacked = params if M is not None else jax.tree.map(lambda x: jnp.asarray(x)[None], params)
+    M = M or 1
+    stacked = jax.tree.map(jnp.asarray, stacked)
+    executor = envs.resolve_executor(executor)
+    run = _evaluate_native if executor == "native" else _evaluate_mjx
+    results = []
+    for name in tasks:
+        task = envs.get_task(name)
+        tid = _check_task_fits(cfg, task)
+        if name not in stats:
+            raise ValueError(f"no normalisation stats for task {name!r} (have {sorted(stats)})")
+        st = stats[name]
+        if np.shape(st.state_mean) != (task.obs_dim,) or np.shape(st.state_std) != (task.obs_dim,):
+            raise ValueError(f"stats[{name!r}]: state_mean/state_std must have shape ({task.obs_dim},)")
+        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seed, progress)
+        results.append(TaskResult(name, np.asarray(ret, np.float64), np.asarray(length), np.asarray(nan),
+                                  st.target_return))
+    return results
+
+
+def evaluate_sequential(cfg: DTConfig, params, task: str, stats: TaskStats, *, episodes: int = 1,
+                        max_steps: int = 1000, seed: int = 0, policy: Callable | None = None) -> TaskResult:
+    """The original protocol: one episode at a time, batch 1, growing history cut to the last K.
+
+    `policy(states, actions, rtg, timesteps, mask) -> (1, K, A)` defaults to our jitted DT; the
+    benchmark plugs transformers' PyTorch DT in here.
+    """
+    task = envs.get_task(task)
+    tid = _check_task_fits(cfg, task)
+    K = cfg.context_len
+    if policy is None:
+        fwd = jax.jit(lambda s, a, r, t, m: apply(cfg, params, s, a, r, t, m,
+                                                  None if tid is None else jnp.full((1,), tid)))
+        policy = lambda *x: np.asarray(fwd(*x))
+    qpos, qvel = reset_states(task, episodes, seed)
+    env = envs.NativeBatchEnv(task, 1, nthread=1)
+    mean, std = np.asarray(stats.state_mean), np.asarray(stats.state_std)
+    rets, lens, nans = [], [], []
+    for e in range(episodes):
+        obs = env.set_state(qpos[e:e + 1], qvel[e:e + 1])[0]
+        states = [obs]
+        actions = np.zeros((0, cfg.act_dim), np.float32)
+        rtg = [stats.target_return / stats.rtg_scale]
+        ts = [0]
+        ret, n, bad = 0.0, 0, 0
+        for t in range(max_steps):
+            actions = np.concatenate([actions, np.zeros((1, cfg.act_dim), np.float32)])
+            s = ((np.asarray(states[-K:]) - mean) / std).astype(np.float32)
+            s = np.pad(s, ((0, 0), (0, cfg.state_dim - task.obs_dim)))
+            a, r_, tt = actions[-K:], np.asarray(rtg[-K:], np.float32)[:, None], np.asarray(ts[-K:], np.int32)
+            L = len(s)
+            pad = lambda x: np.concatenate([np.zeros((K - L,) + x.shape[1:], x.dtype), x])[None]
+            mask = np.concatenate([np.zeros(K - L), np.ones(L)]).astype(np.float32)[None]
+            act = policy(pad(s), pad(a), pad(r_), pad(np.minimum(tt, cfg.max_ep_len - 1)), mask)[0, -1]
+            actions[-1] = act
+            obs, r, term, trunc, info = env.step(act[None, :task.act_dim])
+            ret += float(r[0])
+            n += 1
+            bad += int(info["nan_action"][0])
+            states.append(obs[0])
+            rtg.append(rtg[-1] - float(r[0]) / stats.rtg_scale)
+            ts.append(t + 1)
+            if term[0] or trunc[0]:
+                break
+        rets.append(ret)
+        lens.append(n)
+        nans.append(bad)
+    return TaskResult(task.name, np.asarray([rets]), np.asarray([lens]), np.asarray([nans]), stats.target_return)
+
+
+def stats_from_metadata(meta: dict, task: str | None = None) -> TaskStats:
+    """TaskStats from a checkpoint's metadata (single-task: state_mean/std; multi: per-task dict)."""
+    if "stats" in meta:
+        if task not in meta["stats"]:
+            raise ValueError(f"checkpoint metadata has no stats for task {task!r} (has {sorted(meta['stats'])})")
+        meta = meta["stats"][task] | {"rtg_scale": meta.get("rtg_scale", 1000.0)}
+    for k in ("state_mean", "state_std"):
+        if k not in meta:
+            raise ValueError(f"checkpoint metadata lacks {k!r}; cannot normalise observations")
+    name = task or meta.get("task")
+    return TaskStats(np.asarray(meta["state_mean"], np.float32), np.asarray(meta["state_std"], np.float32),
+                     envs.target_return(name), float(meta.get("rtg_scale", 1000.0)))
