@@ -140,3 +140,60 @@ def evaluate_from_config(config, workdir: str) -> str:
     nan = sum(r["nan_action_steps"] for r in rows)
     warn = f"\nwarning: {nan} steps had non-finite actions (replaced by 0)" if nan else ""
     return results_table(rows) + warn
+
+
+def collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
+                    num_envs: int = 64) -> str:
+    """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path."""
+    from tqdm import tqdm
+
+    from mdt_jax.behaviour.collect import collect, uniform_policy
+    from mdt_jax.data import save_d4rl_hdf5
+
+    if os.path.exists(path):
+        return path
+    if quality != "random":
+        raise ValueError(f"data.quality: {quality!r} needs trained behaviour policies, which this build lacks; "
+                         "use 'random'")
+    with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}") as bar:
+        ds = collect(task, uniform_policy(task_dims(task)[1]), transitions, num_envs=num_envs, seed=seed,
+                     progress=bar.update, metadata={"policy": "uniform_random", "quality": quality})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_d4rl_hdf5(ds, path)
+    return path
+
+
+def quickstart(config, workdir: str) -> str:
+    """configs/quickstart.py: collect -> train -> evaluate per task; writes results.{json,md}."""
+    from mdt_jax import envs, evaluate as ev
+    from mdt_jax.data import load_d4rl_hdf5
+
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("config.tasks: no tasks")
+    for t in tasks:
+        envs.get_task(t)
+    rows = []
+    for task in tasks:
+        path = collect_dataset(task, config.data.quality, config.data.transitions,
+                               os.path.join(workdir, "data", f"{task}-{config.data.quality}.hdf5"),
+                               seed=config.seed, num_envs=config.data.num_envs)
+        tc = config.train.copy_and_resolve_references()
+        with tc.unlocked():
+            tc.task, tc.dataset, tc.seed = task, path, config.seed
+        model_dir = train_from_config(tc, os.path.join(workdir, f"dt_{task}"))
+        cfg, params, meta = checkpoint.load(model_dir)
+        stats = {task: ev.stats_from_metadata(meta)}
+        res = ev.evaluate(cfg, params, [task], stats, episodes=config.eval.episodes,
+                          max_steps=config.eval.max_steps, seed=config.seed, executor=config.eval.executor)[0]
+        data_meta = load_d4rl_hdf5(path).metadata
+        behaviour = data_meta["return_mean"]
+        rows.append(res.summary() | {"model": "dt", "dataset": os.path.basename(path),
+                                     "behaviour_return": behaviour,
+                                     "behaviour_normalized": float(envs.normalized_score(task, behaviour))})
+    write_json_atomic(os.path.join(workdir, "results.json"), {"rows": rows})
+    table = results_table(rows, keys=("task", "model", "episodes", "return_mean", "return_std", "return_over_target",
+                                      "normalized", "behaviour_return", "behaviour_normalized"))
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return table

@@ -1,0 +1,1 @@
+"""Behaviour policies and dataset collection (the project's own offline data)."""
