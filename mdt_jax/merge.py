@@ -1,0 +1,270 @@
+"""Merge methods as pure pytree functions: jittable, and vmappable over their coefficients.
+
+Models are *stacked*: every leaf carries a leading model axis M (`stack([p0, p1, p2])`, which also
+checks that the trees match and lists every mismatched path). Each method merges only the leaves
+selected by `subset` (path patterns or aliases from `mdt_jax.subsets`, or a bool tree; None means
+all) and takes every other leaf from a reference model: model `keep` (default 0, as the
+reference's single-task merge takes LNs, embeddings and heads from model 0) or `base` for the
+task-vector methods.
+
+Methods:
+- `weighted_average(models, weights)`: sum_i w_i theta_i, uniform by default.
+- `lerp(a, b, p)`: a + p (b - a).
+- `fisher_weighted(models, fishers)`: sum_i (f_i / sum_j f_j) theta_i with f_i = F_i / trace_i
+  (trace normalisation on, as the reference) or F_i, plus `floor` on each f_i so that all-zero
+  Fishers give the plain average rather than the reference's 0/0 = NaN (`floor=0` reproduces it).
+- `task_arithmetic(base, models, lam)`: base + lam * sum_i (theta_i - base).
+- `ties(base, models, k, lam)`: trim each task vector to its top-k fraction by magnitude, elect a
+  sign per parameter by the sign of the summed trimmed vectors, average the entries that agree
+  with it (disjoint mean), base + lam * that (Yadav et al., 2023).
+- `dare(base, models, p, rng)`: drop each task-vector entry with probability p and rescale the
+  rest by 1 / (1 - p) (Yu et al., 2023); feed the result to `task_arithmetic` or `ties`.
+
+Coefficients are arrays, so ``jax.vmap(lambda p: lerp(a, b, p))(ps)`` gives a whole sweep of
+candidates stacked on a leading axis, ready for `mdt_jax.evaluate.evaluate`. Out-of-range
+coefficients are refused when they are concrete (outside jit/vmap).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdt_jax import subsets
+
+Subset = Any  # None | str | Sequence[str] | bool pytree
+
+
+class MergeError(ValueError):
+    """Models (or Fishers) that cannot be merged, or a bad coefficient."""
+
+
+def _paths_shapes(tree) -> dict[str, tuple]:
+    return {subsets.path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_compatible(trees: Sequence, names: Sequence[str] | None = None) -> None:
+    """Raise MergeError listing every path missing from, or shaped differently in, some tree."""
+    if len(trees) < 1:
+        raise MergeError("no models to merge")
+    names = list(names or [f"model {i}" for i in range(len(trees))])
+    ref = _paths_shapes(trees[0])
+    problems = []
+    for name, t in zip(names[1:], trees[1:]):
+        got = _paths_shapes(t)
+        problems += [f"{p}: missing in {name}" for p in sorted(set(ref) - set(got))]
+        problems += [f"{p}: only in {name}" for p in sorted(set(got) - set(ref))]
+        problems += [f"{p}: {names[0]} has {ref[p]}, {name} has {got[p]}" for p in sorted(set(ref) & set(got))
+                     if ref[p] != got[p]]
+    if problems:
+        raise MergeError("models do not match: " + "; ".join(problems[:20])
+                         + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+
+
+def stack(trees: Sequence, names: Sequence[str] | None = None):
+    """Stack matching pytrees on a new leading model axis."""
+    check_compatible(trees, names)
+    for name, t in zip(names or range(len(trees)), trees):
+        for p, x in jax.tree_util.tree_flatten_with_path(t)[0]:
+            if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+                raise MergeError(f"non-finite values in {name} at {subsets.path_str(p)}")
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def unstack(stacked) -> list:
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda x: x[i], stacked) for i in range(n)]
+
+
+def _one(stacked):
+    return jax.tree.map(lambda x: x[0], stacked)
+
+
+def subset_mask(params, subset: Subset):
+    """A bool tree over `params` (one model, no leading axis) from patterns, a bool tree, or None (all)."""
+    if subset is None:
+        return jax.tree.map(lambda _: True, params)
+    if isinstance(subset, (str, list, tuple)):
+        return subsets.select(params, subset)
+    if jax.tree.structure(subset) != jax.tree.structure(params):
+        raise MergeError("subset mask tree does not match the params tree")
+    return subset
+
+
+def merged_fraction(params, subset: Subset) -> float:
+    """Fraction of the scalar parameters of one model that a merge with `subset` changes."""
+    return subsets.fraction(params, subset_mask(params, subset))
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    if not _concrete(value):
+        return
+    v = np.asarray(value, np.float64)
+    if not np.all(np.isfinite(v)):
+        raise MergeError(f"{name} must be finite, got {value}")
+    if lo is not None and np.any(v <= lo if lo_open else v < lo):
+        raise MergeError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and np.any(v >= hi if hi_open else v > hi):
+        raise MergeError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def _num_models(stacked) -> int:
+    sizes = {x.shape[0] if x.ndim else -1 for x in jax.tree.leaves(stacked)}
+    if len(sizes) != 1 or -1 in sizes:
+        raise MergeError("models must be stacked on a leading axis (use merge.stack([...]))")
+    return sizes.pop()
+
+
+def weighted_average(models, weights=None, *, subset: Subset = None, keep: int = 0):
+    """sum_i w_i theta_i on `subset` (w uniform by default, else normalised to sum 1)."""
+    M = _num_models(models)
+    if weights is None:
+        w = jnp.full((M,), 1.0 / M)
+    else:
+        _check("weights", weights, 0.0)
+        w = jnp.asarray(weights, jnp.float32)
+        if w.shape != (M,):
+            raise MergeError(f"weights must have shape ({M},), got {w.shape}")
+        if _concrete(w) and float(w.sum()) <= 0:
+            raise MergeError(f"weights must not all be zero, got {weights}")
+        w = w / w.sum()
+    mask = subset_mask(_one(models), subset)
+    return jax.tree.map(lambda m, x: jnp.tensordot(w, x, axes=1).astype(x.dtype) if m else x[keep], mask, models)
+
+
+def lerp(a, b, p, *, subset: Subset = None):
+    """a + p (b - a) on `subset`, `a` elsewhere; p in [0, 1]."""
+    _check("p", p, 0.0, 1.0)
+    check_compatible([a, b], ["a", "b"])
+    mask = subset_mask(a, subset)
+    return jax.tree.map(lambda m, x, y: x + p * (y - x) if m else x, mask, a, b)
+
+
+def fisher_weighted(models, fishers, *, normalize_trace: bool = True, floor: float = 1e-8,
+                    subset: Subset = None, keep: int = 0):
+    """Fisher-weighted average: sum_i (f_i / sum_j f_j) theta_i, f_i = F_i / trace_i (+ floor).
+
+    `fishers` is stacked like `models`; leaves outside `subset` are ignored. trace_i is the sum of
+    F_i over `subset`. `floor=0` reproduces the reference exactly, NaN on all-zero Fishers included.
+    """
+    _check("floor", floor, 0.0)
+    M = _num_models(models)
+    check_compatible([_one(models), _one(fishers)], ["models", "fishers"])
+    if _num_models(fishers) != M:
+        raise MergeError(f"{_num_models(fishers)} Fishers for {M} models")
+    mask = subset_mask(_one(models), subset)
+    for p, f in jax.tree_util.tree_flatten_with_path(fishers)[0]:
+        if _concrete(f) and (not np.all(np.isfinite(np.asarray(f))) or np.any(np.asarray(f) < 0)):
+            raise MergeError(f"Fisher has negative or non-finite values at {subsets.path_str(p)}")
+    sel = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m]
+    if normalize_trace:
+        trace = sum(jnp.sum(f.reshape(M, -1), axis=1) for f in sel)  # (M,)
+        scale = 1.0 / jnp.where(trace > 0, trace, 1.0)
+    else:
+        scale = jnp.ones((M,))
+
+    def merge_leaf(m, x, f):
+        if not m:
+            return x[keep]
+        fi = f * scale.reshape((M,) + (1,) * (f.ndim - 1)) + floor
+        return (jnp.sum(fi * x, axis=0) / jnp.sum(fi, axis=0)).astype(x.dtype)
+
+    return jax.tree.map(merge_leaf, mask, models, fishers)
+
+
+def task_vectors(base, models):
+    """theta_i - base for every stacked model."""
+    check_compatible([base, _one(models)], ["base", "models"])
+    return jax.tree.map(lambda b, x: x - b[None], base, models)
+
+
+def task_arithmetic(base, models, lam=1.0, *, subset: Subset = None):
+    """base + lam * sum_i (theta_i - base) on `subset`, base elsewhere; lam >= 0."""
+    _check("lam", lam, 0.0)
+    tv = task_vectors(base, models)
+    return jax.tree.map(lambda m, b, t: b + lam * jnp.sum(t, axis=0) if m else b, subset_mask(base, subset), base, tv)
+
+
+def _topk_threshold(tv, mask, k):
+    """Per model: the magnitude at which the top-k fraction of its selected entries starts."""
+    flat = jnp.concatenate([jnp.abs(t).reshape(t.shape[0], -1)
+                            for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m], axis=1)
+    n = flat.shape[1]
+    kth = jnp.clip(jnp.ceil(k * n).astype(jnp.int32), 1, n)  # keep this many entries per model
+    return jnp.take(jnp.sort(flat, axis=1), n - kth, axis=1)
+
+
+def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
+    """TIES-merging: trim to the top-k fraction per model, elect signs, disjoint mean, scale by lam."""
+    _check("k", k, 0.0, 1.0, lo_open=True)
+    _check("lam", lam, 0.0)
+    tv = task_vectors(base, models)
+    mask = subset_mask(base, subset)
+    M = _num_models(models)
+    thr = _topk_threshold(tv, mask, k)
+
+    def leaf(m, b, t):
+        if not m:
+            return b
+        th = thr.reshape((M,) + (1,) * (t.ndim - 1))
+        trimmed = jnp.where(jnp.abs(t) >= th, t, 0.0)
+        sign = jnp.sign(jnp.sum(trimmed, axis=0))
+        agree = (jnp.sign(trimmed) == sign[None]) & (trimmed != 0)
+        mean = jnp.sum(jnp.where(agree, trimmed, 0.0), axis=0) / jnp.maximum(jnp.sum(agree, axis=0), 1)
+        return b + lam * mean
+
+    return jax.tree.map(leaf, mask, base, tv)
+
+
+def dare(base, models, p, rng, *, rescale: bool = True, subset: Subset = None):
+    """Models whose task vectors had each entry dropped with probability p (and the rest scaled by
+    1/(1-p) when `rescale`), stacked like `models`; merge them with task_arithmetic or ties."""
+    _check("p", p, 0.0, 1.0, hi_open=True)
+    tv = task_vectors(base, models)
+    mask = subset_mask(base, subset)
+    leaves, treedef = jax.tree.flatten(tv)
+    keys = jax.random.split(rng, len(leaves))
+    scale = 1.0 / (1.0 - p) if rescale else 1.0
+    out = [b[None] + (jnp.where(jax.random.bernoulli(key, 1.0 - p, t.shape), t * scale, 0.0) if m else t)
+           for b, t, m, key in zip(jax.tree.leaves(base), leaves, jax.tree.leaves(mask), keys)]
+    return jax.tree.unflatten(treedef, out)
+
+
+METHODS = ("average", "fisher", "task_arithmetic", "ties", "dare_ta", "dare_ties")
+
+
+def merge(method: str, models, *, base=None, fishers=None, subset: Subset = None, rng=None, **coeffs):
+    """Dispatch by name (CLI/config use). `models` stacked; `base` for the task-vector methods."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose from {METHODS}")
+    needs_base = method in ("task_arithmetic", "ties", "dare_ta", "dare_ties")
+    if needs_base and base is None:
+        raise MergeError(f"merge method {method!r} needs a base model (the pre-finetuning weights)")
+    allowed = {"average": {"weights", "keep"}, "fisher": {"normalize_trace", "floor", "keep"},
+               "task_arithmetic": {"lam"}, "ties": {"k", "lam"}, "dare_ta": {"p", "lam", "rescale"},
+               "dare_ties": {"p", "k", "lam", "rescale"}}[method]
+    unknown = set(coeffs) - allowed
+    if unknown:
+        raise MergeError(f"merge method {method!r} takes {sorted(allowed)}, not {sorted(unknown)}")
+    if method == "average":
+        return weighted_average(models, subset=subset, **coeffs)
+    if method == "fisher":
+        if fishers is None:
+            raise MergeError("merge method 'fisher' needs Fishers")
+        return fisher_weighted(models, fishers, subset=subset, **coeffs)
+    if method == "task_arithmetic":
+        return task_arithmetic(base, models, subset=subset, **coeffs)
+    if method == "ties":
+        return ties(base, models, subset=subset, **coeffs)
+    if rng is None:
+        raise MergeError(f"merge method {method!r} needs an rng key for its drop mask")
+    dropped = dare(base, models, coeffs.pop("p", 0.5), rng, rescale=coeffs.pop("rescale", True), subset=subset)
+    if method == "dare_ta":
+        return task_arithmetic(base, dropped, subset=subset, **coeffs)
+    return ties(base, dropped, subset=subset, **coeffs)
