@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import checkpoint
@@ -32,33 +33,85 @@ def task_dims(task: str) -> tuple[int, int]:
     return t.obs_dim, t.act_dim
 
 
+def split_list(value) -> list[str]:
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def _load_task_data(task: str, dataset: str, cfg_k: int, max_ep_len: int, rtg_scale: float):
+    from mdt_jax.data import load_dataset, segment_data
+
+    state_dim, act_dim = task_dims(task)
+    ds = load_dataset(dataset)
+    got = (ds.observations.shape[1], ds.actions.shape[1])
+    if got != (state_dim, act_dim):
+        raise ValueError(f"config.dataset: {dataset} has (state_dim, act_dim) = {got}, but task "
+                         f"{task!r} needs {(state_dim, act_dim)}")
+    return segment_data(ds, context_len=cfg_k, max_ep_len=max_ep_len, rtg_scale=rtg_scale)
+
+
+def _stats_meta(data) -> dict:
+    return {"state_mean": np.asarray(data.state_mean).tolist(), "state_std": np.asarray(data.state_std).tolist()}
+
+
 def train_from_config(config, workdir: str) -> str:
-    """Train one single-task DT as `config` (configs/train.py) says; returns the model folder.
+    """Train a DT as `config` (configs/train.py) says; returns the model folder.
+
+    - one task and dataset: a single-task DT;
+    - comma-separated tasks and datasets (same order): one multi-task DT (shared trunk, per-task
+      heads, `batch_size` samples per task, losses summed over tasks);
+    - one task with `init_from` a multi-task checkpoint: that model finetuned on the task (its
+      model config and normalisation come from the checkpoint; `config.model` is not used).
 
     Resumes from `workdir/checkpoints` when run again with the same config; refuses a workdir that
     holds a different run.
     """
-    from mdt_jax.data import load_dataset, segment_data
+    from mdt_jax.data import sample_batch, stack_segment_data
 
-    if not config.dataset:
+    tasks, datasets = split_list(config.task), split_list(config.dataset)
+    if not datasets:
         raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
-    state_dim, act_dim = task_dims(config.task)
-    ds = load_dataset(config.dataset)
-    got = (ds.observations.shape[1], ds.actions.shape[1])
-    if got != (state_dim, act_dim):
-        raise ValueError(f"config.dataset: {config.dataset} has (state_dim, act_dim) = {got}, but task "
-                         f"{config.task!r} needs {(state_dim, act_dim)}")
-    cfg = model_config(config.model, state_dim, act_dim)
-    tcfg = train_config(config.train)
+    if len(tasks) != len(datasets):
+        raise ValueError(f"config.task / config.dataset: {len(tasks)} task(s) but {len(datasets)} dataset(s)")
+    for t in tasks:
+        task_dims(t)
     if not (isinstance(config.rtg_scale, (int, float)) and config.rtg_scale > 0):
         raise ValueError(f"config.rtg_scale: must be > 0, got {config.rtg_scale!r}")
-    data = segment_data(ds, context_len=cfg.context_len, max_ep_len=cfg.max_ep_len, rtg_scale=config.rtg_scale)
-    params = None
+    tcfg = train_config(config.train)
+    init_cfg = params = init_meta = None
     if config.init_from:
-        init_cfg, params, _ = checkpoint.load(config.init_from)
-        if init_cfg != cfg:
-            raise ValueError(f"config.init_from: {config.init_from} holds a model with config {init_cfg}, "
-                             f"which differs from this run's {cfg}")
+        init_cfg, params, init_meta = checkpoint.load(config.init_from)
+    sample = None
+    if init_cfg is not None and init_cfg.multi and len(tasks) == 1:  # finetune a multi-task model on one task
+        cfg, task = init_cfg, tasks[0]
+        t = cfg.task_index(task)
+        st = init_meta["stats"][task]
+        one = _load_task_data(task, datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale).replace(
+            state_mean=jnp.asarray(st["state_mean"], jnp.float32), state_std=jnp.asarray(st["state_std"], jnp.float32))
+        pad = lambda x, w, fill: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, w - x.shape[-1])], constant_values=fill)
+        data = one.replace(observations=pad(one.observations, cfg.state_dim, 0.0),
+                           actions=pad(one.actions, cfg.act_dim, 0.0),
+                           state_mean=pad(one.state_mean, cfg.state_dim, 0.0),
+                           state_std=pad(one.state_std, cfg.state_dim, 1.0))
+        sample = lambda d, k: sample_batch(d, k, tcfg.batch_size) | {
+            "task_id": jnp.full((tcfg.batch_size,), t, jnp.int32)}
+        meta = {"kind": "multi_task_finetune", "task": task, "finetuned_from": os.path.abspath(config.init_from),
+                "tasks": list(cfg.task_names), "stats": init_meta["stats"]}
+    elif len(tasks) > 1:
+        datas = []
+        for task, path in zip(tasks, datasets):
+            K, L = config.model.context_len, config.model.max_ep_len
+            datas.append(_load_task_data(task, path, K, L, config.rtg_scale))
+        cfg = model_config(config.model, 0, 0, tasks=[(t, *task_dims(t)) for t in tasks])
+        data = stack_segment_data(datas)
+        meta = {"kind": "multi_task", "tasks": tasks, "stats": {t: _stats_meta(d) for t, d in zip(tasks, datas)}}
+    else:
+        state_dim, act_dim = task_dims(tasks[0])
+        cfg = model_config(config.model, state_dim, act_dim)
+        data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
+        meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
+    if init_cfg is not None and init_cfg != cfg:
+        raise ValueError(f"config.init_from: {config.init_from} holds a model with config {init_cfg}, "
+                         f"which differs from this run's {cfg}")
     model_dir = os.path.join(workdir, "model")
     run_config_guard(workdir, _plain(config))
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
@@ -66,11 +119,9 @@ def train_from_config(config, workdir: str) -> str:
         return model_dir
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every)
-    meta = {"kind": "single_task", "task": config.task, "dataset": config.dataset,
-            "state_mean": np.asarray(data.state_mean).tolist(), "state_std": np.asarray(data.state_std).tolist(),
-            "rtg_scale": float(config.rtg_scale), "steps": int(state.step), "seed": int(config.seed),
-            "train": _plain(config.train)}
+                log_every=config.log_every, sample=sample, desc=f"train {config.task}")
+    meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
+             "seed": int(config.seed), "train": _plain(config.train)}
     return checkpoint.save(model_dir, jax.device_get(state.params), cfg, meta)
 
 

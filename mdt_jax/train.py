@@ -68,7 +68,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array           # raw uint32 key data (checkpointable)
     hparams: dict            # {'learning_rate','weight_decay','init_reg'}: float32 scalars
-    anchor: Any              # params at init (for init_reg); {} when init_reg is off
+    anchor: dict             # {flat path: value at init} of the init_reg tensors; {} when off
 
 
 def _key(raw):
@@ -103,7 +103,7 @@ def init_state(cfg: DTConfig, tcfg: TrainConfig, rng: jax.Array, params=None, **
     anchor = {}
     if tcfg.init_reg > 0 or "init_reg" in hparams:
         reg = subsets.select(params, tcfg.init_reg_on)
-        anchor = jax.tree.map(lambda p, m: jnp.copy(p) if m else jnp.zeros((0,), p.dtype), params, reg)
+        anchor = {k: jnp.copy(v) for k, v in _flat(params).items() if _flat(reg)[k]}
     opt_state = _optimizer(tcfg, hp, 0).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       rng=jax.random.key_data(run_key), hparams=hp, anchor=anchor)
@@ -145,9 +145,15 @@ def action_loss(cfg: DTConfig, params, batch: dict, rng: jax.Array | None = None
     return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0))
 
 
+def _flat(tree) -> dict:
+    """{'block_0.attn.c_attn.kernel': leaf}: flat keys orbax can store."""
+    return {subsets.path_str(p).replace("/", "."): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def init_reg_loss(state: TrainState, params) -> jax.Array:
-    terms = jax.tree.leaves(jax.tree.map(lambda p, a: _safe_norm(p - a) if a.size else jnp.zeros(()),
-                                         params, state.anchor))
+    """c * sum over the anchored tensors of ||theta - theta_init||_2 (unsquared)."""
+    flat = _flat(params)
+    terms = [_safe_norm(flat[k] - a) for k, a in state.anchor.items()]
     return state.hparams["init_reg"] * sum(terms) if terms else jnp.zeros(())
 
 
@@ -213,17 +219,17 @@ def default_sampler(cfg: DTConfig, tcfg: TrainConfig) -> Callable:
 # The driver: checkpoints, resume, metrics, progress. Side effects live here only.
 # ----------------------------------------------------------------------------------------------
 
-def _state_template(cfg, tcfg, params=None):
-    return jax.eval_shape(lambda k: init_state(cfg, tcfg, k, params), jax.random.key(0))
-
-
 def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str, seed: int = 0,
         params=None, steps_per_call: int = 100, checkpoint_every: int = 1000, log_every: int | None = None,
-        sample: Callable | None = None, progress: bool = True, stop_after: int | None = None) -> TrainState:
+        sample: Callable | None = None, progress: bool = True, stop_after: int | None = None,
+        init: Callable[[], TrainState] | None = None, vmapped: bool = False, desc: str = "train") -> TrainState:
     """Train for `num_steps` with checkpoints in `workdir/checkpoints`, resuming from the latest.
 
     Metrics go to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`. `stop_after`
-    stops early after that many steps of this call (used to test interruption).
+    stops early after that many steps of this call (used to test interruption). `init()` builds
+    the initial state instead of `init_state(cfg, tcfg, key(seed), params)`; with `vmapped`, it
+    returns states stacked on a leading model axis, `data` is stacked likewise, and every model
+    trains in the same call (logged metrics are means over models).
     """
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -236,22 +242,23 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         raise ValueError("steps_per_call and checkpoint_every must be positive")
     log_every = log_every or steps_per_call
     sample = sample or default_sampler(cfg, tcfg)
-    chunk = make_train_chunk(cfg, tcfg, sample)
+    chunk = make_train_chunk(cfg, tcfg, sample, vmapped=vmapped)
+    init = init or (lambda: init_state(cfg, tcfg, jax.random.key(seed), params))
     os.makedirs(workdir, exist_ok=True)
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                                                       enable_async_checkpointing=False))
     latest = mngr.latest_step()
     if latest is not None:
-        template = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), _state_template(cfg, tcfg, params))
+        template = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), jax.eval_shape(init))
         state = mngr.restore(latest, args=ocp.args.StandardRestore(template))
         state = jax.tree.map(jnp.asarray, state)
     else:
-        state = init_state(cfg, tcfg, jax.random.key(seed), params)
-    start = int(state.step)
+        state = init()
+    start = int(np.max(state.step))
     writer = MetricWriter(workdir, truncate_after=start)
     bar = tqdm(total=num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-               desc="train")
+               desc=desc)
     end = num_steps if stop_after is None else min(num_steps, start + stop_after)
     step = start
     t0, s0 = time.perf_counter(), step
@@ -264,7 +271,7 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
             state, metrics = chunk(state, data, nxt - step)
             bar.update(nxt - step)
             step = nxt
-            m = {k: float(v) for k, v in metrics.items()}
+            m = {k: float(jnp.mean(v)) for k, v in metrics.items()}
             if not np.isfinite(m["loss"]):
                 raise FloatingPointError(f"loss became {m['loss']} at step {step}; last checkpoint kept")
             rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
