@@ -60,7 +60,9 @@ def train_from_config(config, workdir: str) -> str:
     - comma-separated tasks and datasets (same order): one multi-task DT (shared trunk, per-task
       heads, `batch_size` samples per task, losses summed over tasks);
     - one task with `init_from` a multi-task checkpoint: that model finetuned on the task (its
-      model config and normalisation come from the checkpoint; `config.model` is not used).
+      normalisation comes from the checkpoint).
+
+    With `init_from`, the model config is the checkpoint's and `config.model` is not used.
 
     Resumes from `workdir/checkpoints` when run again with the same config; refuses a workdir that
     holds a different run.
@@ -97,21 +99,22 @@ def train_from_config(config, workdir: str) -> str:
         meta = {"kind": "multi_task_finetune", "task": task, "finetuned_from": os.path.abspath(config.init_from),
                 "tasks": list(cfg.task_names), "stats": init_meta["stats"]}
     elif len(tasks) > 1:
-        datas = []
-        for task, path in zip(tasks, datasets):
-            K, L = config.model.context_len, config.model.max_ep_len
-            datas.append(_load_task_data(task, path, K, L, config.rtg_scale))
-        cfg = model_config(config.model, 0, 0, tasks=[(t, *task_dims(t)) for t in tasks])
+        cfg = init_cfg or model_config(config.model, 0, 0, tasks=[(t, *task_dims(t)) for t in tasks])
+        if cfg.task_names != tuple(tasks):
+            raise ValueError(f"config.init_from: {config.init_from} is a model for tasks {cfg.task_names}, "
+                             f"not {tuple(tasks)}")
+        datas = [_load_task_data(task, path, cfg.context_len, cfg.max_ep_len, config.rtg_scale)
+                 for task, path in zip(tasks, datasets)]
         data = stack_segment_data(datas)
         meta = {"kind": "multi_task", "tasks": tasks, "stats": {t: _stats_meta(d) for t, d in zip(tasks, datas)}}
     else:
         state_dim, act_dim = task_dims(tasks[0])
-        cfg = model_config(config.model, state_dim, act_dim)
+        cfg = init_cfg if init_cfg is not None else model_config(config.model, state_dim, act_dim)
+        if (cfg.state_dim, cfg.act_dim) != (state_dim, act_dim):
+            raise ValueError(f"config.init_from: {config.init_from} is a model for (state_dim, act_dim) = "
+                             f"{(cfg.state_dim, cfg.act_dim)}, but task {tasks[0]!r} needs {(state_dim, act_dim)}")
         data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
         meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
-    if init_cfg is not None and init_cfg != cfg:
-        raise ValueError(f"config.init_from: {config.init_from} holds a model with config {init_cfg}, "
-                         f"which differs from this run's {cfg}")
     model_dir = os.path.join(workdir, "model")
     run_config_guard(workdir, _plain(config))
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
@@ -248,3 +251,122 @@ def quickstart(config, workdir: str) -> str:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     return table
+
+
+def _floats(value) -> list[float]:
+    try:
+        return [float(v) for v in split_list(value)]
+    except ValueError as e:
+        raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _load_fishers(paths: list[str]) -> list[dict]:
+    from mdt_jax.fisher import load_fisher
+    return [load_fisher(p)[0].fisher for p in paths]
+
+
+def _evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
+    """Evaluate one model (or stacked candidates) on every task its dims fit; one row per (candidate, task)."""
+    from mdt_jax import envs, evaluate as ev
+
+    if cfg.multi:
+        tasks = list(cfg.task_names)
+        stats = {t: ev.stats_from_metadata(meta, t) for t in tasks}
+    else:
+        tasks = [t for t in envs.TASKS if task_dims(t) == (cfg.state_dim, cfg.act_dim)]
+        own = ev.stats_from_metadata(meta)
+        stats = {t: ev.TaskStats(own.state_mean, own.state_std, envs.target_return(t), own.rtg_scale) for t in tasks}
+    results = ev.evaluate(cfg, params, tasks, stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
+                          seed=config.seed, executor=config.eval.executor)
+    rows = []
+    for i, coeffs in enumerate(stacked_coeffs or [{}]):
+        for r in results:
+            rows.append(r.summary(i) | (extra or {}) | ({"coefficients": coeffs} if coeffs else {}))
+    return rows
+
+
+def merge_from_config(config, workdir: str) -> str:
+    """Run configs/merge.py: P1, P2 or P3 over trained checkpoints; evaluate; write merge.json."""
+    from mdt_jax import merge as M, pipelines as P
+
+    if config.pipeline not in ("p1", "p2", "p3"):
+        raise ValueError(f"config.pipeline: unknown {config.pipeline!r}; choose p1, p2 or p3")
+    if config.method not in ("average", "fisher"):
+        raise ValueError(f"config.method: unknown merge method {config.method!r} for {config.pipeline}; "
+                         "choose average or fisher (task arithmetic, TIES and DARE run as P3 grids)")
+    paths = split_list(config.checkpoints)
+    if len(paths) < 2:
+        raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
+    if os.path.exists(os.path.join(workdir, "merge.json")):
+        raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")
+    loaded = [checkpoint.load(p) for p in paths]
+    fishers = None
+    if config.method == "fisher":
+        fpaths = split_list(config.fishers)
+        if len(fpaths) != len(paths):
+            raise ValueError(f"config.fishers: method=fisher needs one Fisher per checkpoint ({len(paths)}), "
+                             f"got {len(fpaths)}")
+        fishers = _load_fishers(fpaths)
+    coeffs = {"weights": jnp.asarray(_floats(config.weights))} if config.weights and config.method == "average" \
+        else ({"floor": config.floor, "normalize_trace": config.normalize_trace} if config.method == "fisher" else {})
+    subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
+    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths,
+              "fishers": split_list(config.fishers) if fishers else [],
+              "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
+    rows: list[dict] = []
+    os.makedirs(workdir, exist_ok=True)
+    if config.pipeline == "p1":
+        if any(c.multi for c, _, _ in loaded):
+            raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
+        names = [m.get("task", f"model{i}") for i, (_, _, m) in enumerate(loaded)]
+        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names, **coeffs)
+        record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
+        for (cfg, orig, meta), name, params in zip(loaded, names, merged):
+            out = checkpoint.save(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
+            rows += _evaluate_rows(cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]",
+                                                                     "checkpoint": out})
+            rows += _evaluate_rows(cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"})
+    else:
+        cfgs = {c for c, _, _ in loaded}
+        if len(cfgs) != 1 or not next(iter(cfgs)).multi:
+            raise ValueError("config.checkpoints: P2/P3 merge per-task finetunes of one multi-task DT "
+                             "(all with the same multi-task config)")
+        cfg = cfgs.pop()
+        by_task = {m.get("task"): (p, m) for _, p, m in loaded}
+        if set(by_task) != set(cfg.task_names):
+            raise ValueError(f"config.checkpoints: need one finetune per task {cfg.task_names}, got {sorted(map(str, by_task))}")
+        order = [by_task[t][0] for t in cfg.task_names]
+        meta = by_task[cfg.task_names[0]][1]
+        if fishers is not None:
+            fishers = [fishers[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
+        merged = P.p2_merge(cfg, order, config.method, fishers, subset=subset, **coeffs)
+        record["merged_fraction"] = M.merged_fraction(merged, subset)
+        meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {"kind": "multi_task_merged",
+                                                                                          "merge": record}
+        out = checkpoint.save(os.path.join(workdir, "merged"), merged, cfg, meta_out)
+        rows += _evaluate_rows(cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out})
+        for t, p in zip(cfg.task_names, order):
+            rows += _evaluate_rows(cfg, p, meta, config, extra={"model": f"finetune_{t}"})
+        if config.pipeline == "p3":
+            if not config.base:
+                raise ValueError("config.base: P3 needs the multi-task model before finetuning")
+            base_cfg, pre, _ = checkpoint.load(config.base)
+            if base_cfg != cfg:
+                raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
+            rows += _evaluate_rows(cfg, pre, meta, config, extra={"model": "pre"})
+            grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
+                                    ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
+                                    ties_lams=_floats(config.ties_lams), dare_ps=_floats(config.dare_ps),
+                                    rng=jax.random.key(config.seed), subset=subset)
+            record["p3_best"] = {}
+            for name, (cands, grid) in grids.items():
+                grid_rows = _evaluate_rows(cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"})
+                rows += grid_rows
+                means = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == c]) for c in grid]
+                best = int(np.argmax(means))
+                record["p3_best"][name] = {"coefficients": grid[best], "normalized_mean": float(means[best])}
+                checkpoint.save(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
+                                meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
+    write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
+    return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
+                                     "return_over_target", "normalized"))
