@@ -192,12 +192,26 @@ def task_arithmetic(base, models, lam=1.0, *, subset: Subset = None):
 
 
 def _topk_threshold(tv, mask, k):
-    """Per model: the magnitude at which the top-k fraction of its selected entries starts."""
-    flat = jnp.concatenate([jnp.abs(t).reshape(t.shape[0], -1)
-                            for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m], axis=1)
-    n = flat.shape[1]
-    kth = jnp.clip(jnp.ceil(k * n).astype(jnp.int32), 1, n)  # keep this many entries per model
-    return jnp.take(jnp.sort(flat, axis=1), n - kth, axis=1)
+    """Per model: the k-th largest |entry| over its selected leaves, kth = ceil(k * n).
+
+    Exact, without sorting: non-negative float32s order like their int32 bit patterns, so a
+    31-step bisection on the bits, each step one counting pass, finds the threshold.
+    """
+    bits = [jax.lax.bitcast_convert_type(jnp.abs(t), jnp.int32).reshape(t.shape[0], -1)
+            for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m]
+    n = sum(b.shape[1] for b in bits)
+    kth = jnp.clip(jnp.ceil(k * n), 1, n).astype(jnp.int32)
+    count_ge = lambda t: sum(jnp.sum(b >= t[:, None], axis=1, dtype=jnp.int32) for b in bits)
+
+    def step(_, lohi):  # invariant: count(bits >= lo) >= kth > count(bits >= hi + 1)
+        lo, hi = lohi
+        mid = lo + (hi - lo + 1) // 2
+        ok = count_ge(mid) >= kth
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    M = bits[0].shape[0]
+    lo, _ = jax.lax.fori_loop(0, 31, step, (jnp.zeros((M,), jnp.int32), jnp.full((M,), 0x7F800000, jnp.int32)))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
