@@ -21,3 +21,29 @@ def run_or_exit(fn, *args, **kwargs):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_app(default_config: str, fn_name: str, workdir_help: str):
+    """Define --config (an ml_collections config file, locked) and --workdir; return an absl main
+    that calls `mdt_jax.run.<fn_name>(config, workdir)` and prints what it returns."""
+    from absl import app
+    from ml_collections import config_flags
+
+    try:  # ml_collections applies --config.x=y overrides here, before absl parses the rest
+        config = config_flags.DEFINE_config_file("config", default_config,
+                                                 "Config file; its docstring gives the command.", lock_config=True)
+    except (AttributeError, KeyError) as e:
+        msg = str(e.args[0] if e.args else e).strip("\"'")
+        given = [a.split("=")[0][2:] for a in sys.argv[1:] if a.startswith("--config.") and msg in a]
+        print(f"error: unknown config field {given[0] if given else msg!r} (the fields are in {default_config})",
+              file=sys.stderr)
+        sys.exit(2)
+    workdir = flags.DEFINE_string("workdir", None, workdir_help, required=True)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from mdt_jax import run
+        print(run_or_exit(getattr(run, fn_name), config.value, workdir.value))
+
+    return main

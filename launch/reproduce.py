@@ -1,19 +1,9 @@
 """The project's main job. The config's docstring (configs/quickstart.py) gives the command."""
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from launch._common import run_or_exit
+from launch._common import config_app
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Pipeline config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (cached stages, results).", required=True)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mdt_jax import run
-    print(run_or_exit(run.quickstart, _CONFIG.value, _WORKDIR.value))
-
+main = config_app("configs/quickstart.py", "quickstart", "Run directory (cached stages, results).")
 
 if __name__ == "__main__":
     app.run(main)
