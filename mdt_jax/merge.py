@@ -65,8 +65,9 @@ def check_compatible(trees: Sequence, names: Sequence[str] | None = None) -> Non
 
 def stack(trees: Sequence, names: Sequence[str] | None = None):
     """Stack matching pytrees on a new leading model axis."""
+    names = list(names or [f"model {i}" for i in range(len(trees))])
     check_compatible(trees, names)
-    for name, t in zip(names or range(len(trees)), trees):
+    for name, t in zip(names, trees):
         for p, x in jax.tree_util.tree_flatten_with_path(t)[0]:
             if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
                 raise MergeError(f"non-finite values in {name} at {subsets.path_str(p)}")
