@@ -198,7 +198,13 @@ def evaluate_from_config(config, workdir: str) -> str:
 
 def collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
                     num_envs: int = 64) -> str:
-    """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path."""
+    """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
+
+    Finished waves are kept beside the target (`.<name>.waves/`) until the file is written, so a
+    killed run resumes where it stopped and writes the same bytes.
+    """
+    import shutil
+
     from tqdm import tqdm
 
     from mdt_jax.behaviour.collect import collect, uniform_policy
@@ -207,14 +213,29 @@ def collect_dataset(task: str, quality: str, transitions: int, path: str, *, see
     if os.path.exists(path):
         return path
     if quality != "random":
-        raise ValueError(f"data.quality: {quality!r} needs trained behaviour policies, which this build lacks; "
+        raise ValueError(f"config.quality: {quality!r} needs trained behaviour policies, which this build lacks; "
                          "use 'random'")
+    parent, name = os.path.split(os.path.abspath(path))
+    waves = os.path.join(parent, f".{name}.waves")
     with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}") as bar:
         ds = collect(task, uniform_policy(task_dims(task)[1]), transitions, num_envs=num_envs, seed=seed,
-                     progress=bar.update, metadata={"policy": "uniform_random", "quality": quality})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                     progress=bar.update, metadata={"policy": "uniform_random", "quality": quality}, wave_dir=waves)
     save_d4rl_hdf5(ds, path)
+    shutil.rmtree(waves, ignore_errors=True)
     return path
+
+
+def collect_from_config(config, workdir: str) -> str:
+    """Run configs/collect.py: a D4RL-layout HDF5 at `workdir/<task>-<quality>.hdf5`."""
+    path = os.path.join(workdir, f"{config.task}-{config.quality}.hdf5")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; use a new --workdir or remove it")
+    task_dims(config.task)
+    if config.transitions <= 0:
+        raise ValueError(f"config.transitions: must be a positive int, got {config.transitions}")
+    os.makedirs(workdir, exist_ok=True)
+    return collect_dataset(config.task, config.quality, config.transitions, path, seed=config.seed,
+                           num_envs=config.num_envs)
 
 
 def quickstart(config, workdir: str) -> str:
@@ -260,6 +281,26 @@ def _floats(value) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
 
 
+def _stage(workdir: str, key: str, fn):
+    """Run `fn()` once per workdir: its JSON result is kept in `workdir/stages/<key>.json` and reused."""
+    import json
+    path = os.path.join(workdir, "stages", f"{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    out = fn()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, out)
+    return out
+
+
+def _save_once(directory: str, params, cfg, meta) -> str:
+    """Save a checkpoint unless a complete one is already there (a resumed run)."""
+    if os.path.exists(os.path.join(directory, checkpoint.META_FILE)):
+        return os.path.abspath(directory)
+    return checkpoint.save(directory, params, cfg, meta)
+
+
 def _load_fishers(paths: list[str]) -> list[dict]:
     from mdt_jax.fisher import load_fisher
     return [load_fisher(p)[0].fisher for p in paths]
@@ -299,6 +340,7 @@ def merge_from_config(config, workdir: str) -> str:
         raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
     if os.path.exists(os.path.join(workdir, "merge.json")):
         raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")
+    run_config_guard(workdir, _plain(config))  # a killed run resumes; a different one is refused
     loaded = [checkpoint.load(p) for p in paths]
     fishers = None
     if config.method == "fisher":
@@ -322,10 +364,11 @@ def merge_from_config(config, workdir: str) -> str:
         merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names, **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):
-            out = checkpoint.save(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
-            rows += _evaluate_rows(cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]",
-                                                                     "checkpoint": out})
-            rows += _evaluate_rows(cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"})
+            out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
+            rows += _stage(workdir, f"eval_p1_{name}", lambda: _evaluate_rows(
+                cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
+            rows += _stage(workdir, f"eval_unmerged_{name}", lambda: _evaluate_rows(
+                cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"}))
     else:
         cfgs = {c for c, _, _ in loaded}
         if len(cfgs) != 1 or not next(iter(cfgs)).multi:
@@ -343,30 +386,33 @@ def merge_from_config(config, workdir: str) -> str:
         record["merged_fraction"] = M.merged_fraction(merged, subset)
         meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {"kind": "multi_task_merged",
                                                                                           "merge": record}
-        out = checkpoint.save(os.path.join(workdir, "merged"), merged, cfg, meta_out)
-        rows += _evaluate_rows(cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out})
+        out = _save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
+        rows += _stage(workdir, "eval_p2", lambda: _evaluate_rows(
+            cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
         for t, p in zip(cfg.task_names, order):
-            rows += _evaluate_rows(cfg, p, meta, config, extra={"model": f"finetune_{t}"})
+            rows += _stage(workdir, f"eval_finetune_{t}", lambda: _evaluate_rows(
+                cfg, p, meta, config, extra={"model": f"finetune_{t}"}))
         if config.pipeline == "p3":
             if not config.base:
                 raise ValueError("config.base: P3 needs the multi-task model before finetuning")
             base_cfg, pre, _ = checkpoint.load(config.base)
             if base_cfg != cfg:
                 raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
-            rows += _evaluate_rows(cfg, pre, meta, config, extra={"model": "pre"})
+            rows += _stage(workdir, "eval_pre", lambda: _evaluate_rows(cfg, pre, meta, config, extra={"model": "pre"}))
             grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
                                     ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
                                     ties_lams=_floats(config.ties_lams), dare_ps=_floats(config.dare_ps),
                                     rng=jax.random.key(config.seed), subset=subset)
             record["p3_best"] = {}
             for name, (cands, grid) in grids.items():
-                grid_rows = _evaluate_rows(cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"})
+                grid_rows = _stage(workdir, f"eval_p3_{name}", lambda: _evaluate_rows(
+                    cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 rows += grid_rows
                 means = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == c]) for c in grid]
                 best = int(np.argmax(means))
                 record["p3_best"][name] = {"coefficients": grid[best], "normalized_mean": float(means[best])}
-                checkpoint.save(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
-                                meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
+                _save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
+                           meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
     write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
     return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
                                      "return_over_target", "normalized"))
