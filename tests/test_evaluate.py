@@ -148,3 +148,12 @@ def test_cli_writes_eval_json_and_refuses_non_dt(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "not an mdt_jax DT checkpoint" in r.stderr
     assert not (tmp_path / "o2" / "eval.json").exists()
+
+
+def test_same_seed_same_returns_other_seed_differs():
+    cfg, p = hopper_model()
+    run = lambda seed: ev.evaluate(cfg, p, ["hopper"], {"hopper": stats()}, episodes=3, max_steps=60, seed=seed)[0]
+    a, b, c = run(4), run(4), run(5)
+    np.testing.assert_array_equal(a.returns, b.returns)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    assert not np.array_equal(a.returns, c.returns)
