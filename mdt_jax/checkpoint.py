@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mdt_jax.fileio import write_dir_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig, param_shapes
 
 FORMAT = "mdt_jax.dt"
@@ -68,31 +67,16 @@ def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict 
     for path, leaf in tree_paths(params).items():
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise CheckpointError(f"refusing to save non-finite values at {path}")
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"checkpoint {directory} already exists (pass overwrite=True to replace it)")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
             "metadata": _json_safe(metadata or {})}
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(tmp)
+
+    def write_params(path):
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
+        ckptr.save(path, jax.tree.map(np.asarray, params))
         ckptr.wait_until_finished()
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(directory):
-            old = tmp + ".old"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(directory, {"params": write_params,
+                                 META_FILE: lambda path: write_json_atomic(path, meta)}, overwrite=overwrite)
     return directory
 
 

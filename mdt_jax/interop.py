@@ -33,12 +33,11 @@ import json
 import os
 import pickle
 import re
-import shutil
-import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mdt_jax.fileio import write_dir_atomic
 from mdt_jax.models.dt import DTConfig, TaskSpec, param_shapes
 
 HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new",
@@ -298,32 +297,6 @@ def import_hf(path_or_state_dict, config: Mapping | None = None, *, context_len:
     return cfg, params
 
 
-def _write_folder(folder: str, files: Mapping[str, Any], overwrite: bool) -> str:
-    """Atomically create `folder` with `files` ({name: writer(path)}): a temporary sibling, then a rename."""
-    folder = os.path.abspath(folder)
-    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True to replace it)")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FileExistsError(f"{folder} exists and is not a folder")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(tmp)
-        for name, write in files.items():
-            write(os.path.join(tmp, name))
-        if os.path.exists(folder):
-            old = tmp + ".old"
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def export_hf(config: DTConfig, params, folder: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Write `folder` (config.json + model.safetensors) that
     ``transformers.DecisionTransformerModel.from_pretrained(folder)`` loads. Returns its path.
@@ -358,10 +331,10 @@ def export_hf(config: DTConfig, params, folder: str | os.PathLike, *, overwrite:
         with open(path, "w") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
 
-    return _write_folder(os.fspath(folder), {
+    return write_dir_atomic(os.fspath(folder), {
         "config.json": write_config,
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-    }, overwrite)
+    }, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

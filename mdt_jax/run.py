@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import checkpoint
+from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
 from mdt_jax.train import TrainConfig, fit, run_config_guard
 
@@ -135,16 +136,6 @@ def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "re
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    import json
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def evaluate_from_config(config, workdir: str) -> str:

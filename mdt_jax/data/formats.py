@@ -9,42 +9,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import uuid
 from typing import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from mdt_jax.fileio import write_file_atomic
 from mdt_jax.data.dataset import NDIMS, OfflineDataset
 
 FORMAT_VERSION = 1
 D4RL_REQUIRED = ("observations", "actions", "rewards", "terminals", "timeouts")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write: Callable[[str], None], overwrite: bool) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it onto `path`."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync(directory)
 
 
 def _require_file(path) -> str:
@@ -72,7 +46,7 @@ def save_d4rl_hdf5(ds: OfflineDataset, path, *, overwrite: bool = False) -> None
             f.attrs["mdt_metadata"] = meta
             f.attrs["format_version"] = FORMAT_VERSION
 
-    _atomic_write(path, write, overwrite)
+    write_file_atomic(path, write, overwrite=overwrite)
 
 
 def load_d4rl_hdf5(path) -> OfflineDataset:
@@ -140,7 +114,7 @@ def save_reference_pickle(data: OfflineDataset | Sequence[dict], path, *, overwr
         with open(tmp, "wb") as f:
             pickle.dump(trajectories, f)
 
-    _atomic_write(path, write, overwrite)
+    write_file_atomic(path, write, overwrite=overwrite)
 
 
 def load_reference_pickle(path) -> OfflineDataset:
