@@ -8,7 +8,8 @@
    number of steps) with an H128 L3 K20 policy: (a) `jax.vmap(lerp)` over the 16 coefficients and
    ONE `evaluate` call with the candidates stacked, against (b) 16 sequential runs of merge then
    `evaluate` on one candidate. Both include compilation (the persistent cache is off here), as a
-   user's sweep would; each path is timed once, and their returns agree (checked).
+   user's sweep would; each path is timed once. Their returns are compared: the share of episodes
+   that are bit-identical, and how far each candidate's mean return moves.
 3. With `--fisher`, the exact / faithful Fisher cost ratio from benchmarks/fisher.py, so the JSON
    carries `exact_over_faithful` next to `sweep_speedup`.
 """
@@ -76,10 +77,14 @@ def time_sweep(candidates: int, episodes: int, max_steps: int) -> dict:
         one = M.lerp(a, b, float(p), subset="attn,mlp")
         seq.append(ev.evaluate(cfg, one, ["halfcheetah"], stats, **kw)[0].returns[0])
     sequential_s = time.perf_counter() - t
-    agree = float(np.max(np.abs(np.asarray(seq) - batched.returns) / (np.abs(batched.returns) + 1e-6)))
+    seq = np.asarray(seq)
+    # a 16-wide vmapped matmul rounds differently from a 1-wide one, and halfcheetah's dynamics
+    # amplify that over hundreds of steps in some episodes: compare the per-candidate means
+    mean_diff = np.abs(seq.mean(1) - batched.returns.mean(1)) / np.abs(seq.mean(1))
     return {"candidates": candidates, "episodes": episodes, "max_steps": max_steps, "batched_s": batched_s,
             "sequential_s": sequential_s, "sweep_speedup": sequential_s / batched_s,
-            "returns_max_rel_diff": agree}
+            "identical_episodes": float(np.mean(seq == batched.returns)),
+            "mean_return_max_rel_diff": float(mean_diff.max())}
 
 
 def main():
@@ -98,7 +103,8 @@ def main():
     print(f"{s['candidates']}-point lerp sweep, halfcheetah, {s['episodes']} episodes x {s['max_steps']} steps, H128 L3:")
     print(f"  sequential merge+evaluate x{s['candidates']}: {s['sequential_s']:.1f} s")
     print(f"  vmapped merge + one batched evaluate:    {s['batched_s']:.1f} s")
-    print(f"  speedup {s['sweep_speedup']:.2f}x (returns agree to {s['returns_max_rel_diff']:.1e} relative)")
+    print(f"  speedup {s['sweep_speedup']:.2f}x; {100 * s['identical_episodes']:.0f}% of episodes bit-identical, "
+          f"candidate mean returns within {100 * s['mean_return_max_rel_diff']:.2f}%")
     res["sweep_speedup"] = s["sweep_speedup"]
     if args.fisher:
         from benchmarks import fisher as F  # noqa: E402
