@@ -180,7 +180,10 @@ class Linear(nn.Module):
         bias = self.param("bias", binit, (self.features,), jnp.float32)
         if cols is not None:
             kernel, bias = kernel[:, cols], bias[cols]
-        return jnp.dot(x, kernel) + bias
+        # a 2-D matmul: XLA:CPU runs the weight gradient of a (B, T, in) dot with two contracting
+        # dims about 2x slower than the same product on the flattened (B*T, in) view
+        y = jnp.dot(x.reshape(-1, fan_in), kernel) + bias
+        return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
 def _ln(cfg: DTConfig, name: str):
@@ -195,6 +198,35 @@ def _activation(name):
     return lambda x: jax.nn.gelu(x, approximate=True)  # gelu_new
 
 
+DROP_BITS = 16
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose mask costs a quarter of flax's random draws.
+
+    flax draws a float32 uniform (one threefry word) per element; here each 32-bit word of XLA's
+    RngBitGenerator (`unsafe_rbg`, seeded from the module's 'dropout' key, so the same seed
+    still gives the same masks) yields two 16-bit draws. An element is dropped when its draw is
+    below round(rate * 2**16), i.e. with probability rate to within 2**-17, and kept values are
+    scaled by 2**16 / (2**16 - threshold), so the layer stays unbiased. On this 2-core CPU the
+    masks of one H128 training step took 32 ms with threefry words and take about 9 ms now.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        thr = round(self.rate * 2 ** DROP_BITS)
+        key = self.make_rng("dropout")
+        key = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(key), 2), impl="unsafe_rbg")
+        n = x.size
+        words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+        draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
+        return jnp.where(draws >= thr, x * (2 ** DROP_BITS / (2 ** DROP_BITS - thr)), 0.0).astype(x.dtype)
+
+
 class Block(nn.Module):
     """GPT-2 pre-LN block. With `query_rows`, only those token rows are updated (the keys and
     values still come from every token): the output equals the full block's at those rows."""
@@ -204,7 +236,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, bias, *, deterministic: bool, query_rows: slice | None = None):
         cfg = self.cfg
-        drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        drop = lambda y: Dropout(cfg.dropout)(y, deterministic=deterministic)
         h = _ln(cfg, "ln_1")(x)
         a = _Attention(cfg, name="attn")(h, bias, deterministic=deterministic, query_rows=query_rows)
         x = (x if query_rows is None else x[:, query_rows]) + drop(a)
@@ -231,7 +263,7 @@ class _Attention(nn.Module):
         q, k, v = heads(q), heads(k), heads(v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(hd)) + bias
         probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, q.shape[1], H)
         return Linear(H, std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(out)
 
@@ -310,7 +342,7 @@ class DecisionTransformer(nn.Module):
         self.embed_timestep = nn.Embed(cfg.max_ep_len, cfg.hidden_size, embedding_init=temb_init)
         self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layer)]
         self.ln_f = _ln(cfg, "ln_f")
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = Dropout(cfg.dropout)
         if cfg.multi:
             self.task_io = [_TaskIO(cfg, t.state_dim, t.act_dim, name=f"task_{t.name}") for t in cfg.tasks]
         else:
