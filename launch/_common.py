@@ -23,27 +23,48 @@ def run_or_exit(fn, *args, **kwargs):
         sys.exit(2)
 
 
-def config_app(default_config: str, fn_name: str, workdir_help: str):
+def config_app(default_config: str, fn: str, workdir_help: str):
     """Define --config (an ml_collections config file, locked) and --workdir; return an absl main
-    that calls `mdt_jax.run.<fn_name>(config, workdir)` and prints what it returns."""
+    that calls `fn(config, workdir)` ("module.function", imported when run) and prints its result."""
+    import importlib
+
     from absl import app
     from ml_collections import config_flags
 
-    try:  # ml_collections applies --config.x=y overrides here, before absl parses the rest
+    try:  # ml_collections applies --config.x=y overrides to the default config here
         config = config_flags.DEFINE_config_file("config", default_config,
                                                  "Config file; its docstring gives the command.", lock_config=True)
     except (AttributeError, KeyError) as e:
-        msg = str(e.args[0] if e.args else e).strip("\"'")
-        given = [a.split("=")[0][2:] for a in sys.argv[1:] if a.startswith("--config.") and msg in a]
-        print(f"error: unknown config field {given[0] if given else msg!r} (the fields are in {default_config})",
-              file=sys.stderr)
-        sys.exit(2)
+        _unknown_field(e, default_config)
     workdir = flags.DEFINE_string("workdir", None, workdir_help, required=True)
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from mdt_jax import run
-        print(run_or_exit(getattr(run, fn_name), config.value, workdir.value))
+        module, name = fn.rsplit(".", 1)
+        print(run_or_exit(getattr(importlib.import_module(module), name), config.value, workdir.value))
 
     return main
+
+
+def _unknown_field(e: Exception, config_file: str):
+    msg = str(e.args[0] if e.args else e).strip("\"'")
+    given = [a.split("=")[0][2:] for a in sys.argv[1:] if a.startswith("--config.") and msg in a]
+    print(f"error: unknown config field {given[0] if given else msg!r} (the fields are in {config_file})",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def run_app(main):
+    """absl's app.run, after parsing the flags once up front so that a bad override of an
+    explicitly given --config file is a one-line error (exit 2), not a traceback."""
+    from absl import app
+
+    try:
+        argv = flags.FLAGS(sys.argv)
+    except (AttributeError, KeyError) as e:
+        _unknown_field(e, "the --config file")
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, flags_parser=lambda _: argv)

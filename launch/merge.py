@@ -1,9 +1,7 @@
 """Merge trained DTs (P1, P2, P3) and evaluate the results. The config's docstring (configs/merge.py) gives the command."""
-from absl import app
+from launch._common import config_app, run_app
 
-from launch._common import config_app
-
-main = config_app("configs/merge.py", "merge_from_config", "Output directory (merged checkpoints, merge.json).")
+main = config_app("configs/merge.py", "mdt_jax.run.merge_from_config", "Output directory (merged checkpoints, merge.json).")
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

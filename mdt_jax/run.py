@@ -68,7 +68,7 @@ def train_from_config(config, workdir: str) -> str:
     Resumes from `workdir/checkpoints` when run again with the same config; refuses a workdir that
     holds a different run.
     """
-    from mdt_jax.data import sample_batch, stack_segment_data
+    from mdt_jax.data import pad_to, sample_batch, stack_segment_data
 
     tasks, datasets = split_list(config.task), split_list(config.dataset)
     if not datasets:
@@ -90,11 +90,7 @@ def train_from_config(config, workdir: str) -> str:
         st = init_meta["stats"][task]
         one = _load_task_data(task, datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale).replace(
             state_mean=jnp.asarray(st["state_mean"], jnp.float32), state_std=jnp.asarray(st["state_std"], jnp.float32))
-        pad = lambda x, w, fill: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, w - x.shape[-1])], constant_values=fill)
-        data = one.replace(observations=pad(one.observations, cfg.state_dim, 0.0),
-                           actions=pad(one.actions, cfg.act_dim, 0.0),
-                           state_mean=pad(one.state_mean, cfg.state_dim, 0.0),
-                           state_std=pad(one.state_std, cfg.state_dim, 1.0))
+        data = pad_to(one, cfg.state_dim, cfg.act_dim)
         sample = lambda d, k: sample_batch(d, k, tcfg.batch_size) | {
             "task_id": jnp.full((tcfg.batch_size,), t, jnp.int32)}
         meta = {"kind": "multi_task_finetune", "task": task, "finetuned_from": os.path.abspath(config.init_from),
@@ -351,7 +347,8 @@ def merge_from_config(config, workdir: str) -> str:
     if config.pipeline == "p1":
         if any(c.multi for c, _, _ in loaded):
             raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
-        names = [m.get("task", f"model{i}") for i, (_, _, m) in enumerate(loaded)]
+        names = [m.get("task", "model") for _, _, m in loaded]
+        names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
         merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names, **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):

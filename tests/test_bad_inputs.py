@@ -147,6 +147,12 @@ def _train(tmp, *extra):
 
 CLI = {
     "unknown config field": (lambda t, ck: _train(t, "--config.bogus=1", f"--workdir={t / 'w1'}"), "bogus"),
+    "unknown field, explicit --config": (lambda t, ck: ["launch.train", "--config=configs/train.py",
+                                                        *_train(t, "--config.bogus=1", f"--workdir={t / 'w1'}")[1:]],
+                                         "bogus"),
+    "unknown Fisher method": (lambda t, ck: ["launch.fisher", f"--config.checkpoint={ck}", "--config.method=bogus",
+                                             f"--config.dataset={t / 'hopper.hdf5'}", f"--workdir={t / 'w4'}"],
+                              "bogus"),
     "unknown nested field": (lambda t, ck: _train(t, "--config.train.lr=1", f"--workdir={t / 'w1'}"), "lr"),
     "bad value type": (lambda t, ck: _train(t, "--config.train.learning_rate=fast", f"--workdir={t / 'w1'}"),
                        "learning_rate"),

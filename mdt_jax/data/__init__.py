@@ -12,6 +12,7 @@ from mdt_jax.data.formats import (
 from mdt_jax.data.sampler import (
     SegmentData,
     gather_segments,
+    pad_to,
     sample_batch,
     sample_multitask,
     segment_data,
@@ -21,5 +22,5 @@ from mdt_jax.data.sampler import (
 __all__ = [
     "OfflineDataset", "UnsafePickleError", "load_d4rl_hdf5", "load_dataset", "load_minari",
     "load_reference_pickle", "save_d4rl_hdf5", "save_reference_pickle", "SegmentData",
-    "gather_segments", "sample_batch", "sample_multitask", "segment_data", "stack_segment_data",
+    "gather_segments", "pad_to", "sample_batch", "sample_multitask", "segment_data", "stack_segment_data",
 ]

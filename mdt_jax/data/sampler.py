@@ -104,6 +104,13 @@ def sample_batch(data: SegmentData, rng: jax.Array, batch_size: int) -> dict:
     return gather_segments(data, traj_idx, start_idx)
 
 
+def pad_to(data: SegmentData, state_dim: int, act_dim: int) -> SegmentData:
+    """Zero-pad one task's SegmentData to a wider (multi-task) state/action (padded std is 1)."""
+    pad = lambda x, w, fill=0.0: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, w - x.shape[-1])], constant_values=fill)
+    return data.replace(observations=pad(data.observations, state_dim), actions=pad(data.actions, act_dim),
+                        state_mean=pad(data.state_mean, state_dim), state_std=pad(data.state_std, state_dim, 1.0))
+
+
 def _stack(*xs: jax.Array, fill: float = 0.0) -> jax.Array:
     """Pad every array to the elementwise-largest shape with `fill`, then stack on a new axis 0."""
     shape = np.max([x.shape for x in xs], axis=0)

@@ -1,0 +1,8 @@
+"""Compute a DT's diagonal Fisher. The config's docstring (configs/fisher.py) gives the command."""
+from launch._common import config_app, run_app
+
+main = config_app("configs/fisher.py", "mdt_jax.fisher.fisher_from_config",
+                  "Output folder (fisher/ and fisher.json); must not exist.")
+
+if __name__ == "__main__":
+    run_app(main)
