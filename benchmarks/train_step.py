@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import matmul_peak  # noqa: E402
 from mdt_jax import train as T  # noqa: E402
 from mdt_jax.models import DTConfig  # noqa: E402
 
@@ -44,19 +45,6 @@ def pool(seed=0):
             "actions": r.uniform(-1, 1, size=(POOL, K, A)).astype(np.float32),
             "rtg": r.uniform(0, 3.6, size=(POOL, K, 1)).astype(np.float32),
             "timesteps": r.integers(0, 1000, size=(POOL, K)).astype(np.int32), "mask": mask}
-
-
-def matmul_peak(repeats=10) -> float:
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
 def jax_runner(shape: str, steps: int):
