@@ -9,7 +9,7 @@ weights load into transformers' DecisionTransformerModel through `export_hf`).
 - ours: `mdt_jax.evaluate.evaluate(..., executor='native')` over the three tasks in one call,
   timed twice: the first call includes compilation, the second is warm (the speedup uses it);
 - the original protocol: `gymnasium.make('<Task>-v5')` stepped one env at a time, the policy the
-  PyTorch DT at batch 1 with a growing history cut to the last K steps and zero padding (the
+  PyTorch DT at batch 1 (`--torch_threads`, default 1) with a growing history cut to the last K steps and zero padding (the
   reference's get_action loop), `--sequential_episodes` per task; its ms per policy step is
   measured and multiplied by the number of policy steps our run took (random-weight hopper and
   walker2d episodes end early; halfcheetah never terminates), which is the extrapolated total;
@@ -45,13 +45,13 @@ def model(task: str):
     return cfg, init_params(cfg, jax.random.key(0))
 
 
-def sequential_ms_per_step(task: str, episodes: int) -> tuple[float, int]:
+def sequential_ms_per_step(task: str, episodes: int, threads: int) -> tuple[float, int]:
     """The reference protocol with transformers' DT and Gymnasium; returns (ms/step, steps)."""
     import gymnasium as gym
     import torch
     from transformers import DecisionTransformerModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     cfg, params = model(task)
     with tempfile.TemporaryDirectory() as d:
         export_hf(cfg, params, os.path.join(d, "hf"))
@@ -103,6 +103,9 @@ def main():
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--sequential_episodes", type=int, default=3)
     ap.add_argument("--tasks", default="hopper,halfcheetah,walker2d")
+    ap.add_argument("--torch_threads", type=int, default=1,
+                    help="threads for the batch-1 PyTorch policy (a batch-1 forward gains nothing from more, "
+                         "and spinning threads collapse when the machine is shared)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tasks = args.tasks.split(",")
@@ -122,7 +125,7 @@ def main():
         res = ev.evaluate(cfg, params, [task], stats, episodes=args.episodes, executor="native")[0]
         warm = time.perf_counter() - t0
         steps = int(res.lengths.sum())
-        ms, seq_steps = sequential_ms_per_step(task, args.sequential_episodes)
+        ms, seq_steps = sequential_ms_per_step(task, args.sequential_episodes, args.torch_threads)
         fl = policy_flops(task)
         out["tasks"][task] = {"policy_steps": steps, "batched_cold_s": cold, "batched_s": warm,
                               "sequential_ms_per_step": ms, "sequential_steps_measured": seq_steps,
