@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import envs
+from mdt_jax import envs, sharding
 from mdt_jax.models.dt import DTConfig, apply, param_shapes
 
 
@@ -143,22 +143,38 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _native_policy(cfg, params, ctx, t, idx, obs_norm, rtg, task_id):
-    """Policy for the live episodes idx (M, b) of a (M, E) batch; vmapped over candidates."""
-    def one(p, c, i, o, r):
-        sub = jax.tree.map(lambda x: x[i], c)
-        a, sub = policy_step(cfg, p, sub, t, o, r, task_id)
-        return a, jax.tree.map(lambda x, y: x.at[i].set(y), c, sub)
-    return jax.vmap(one)(params, ctx, idx, obs_norm, rtg)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _native_policy(cfg, vmapped, params, window, mask, task_id):
+    """Actions (M, b, A) of M candidates for their windows (M, b, K, ...) (oldest-first, as
+    `context_view` gives them) and the shared mask (b, K).
+
+    One candidate at a time (`lax.map`; M = 1 calls the model directly): XLA:CPU runs vmap's
+    batched (M, rows, in) x (M, in, out) dots ~1.5x slower than the 2-D ones, and this way every
+    candidate's actions are bitwise those it gets when evaluated alone. `vmapped` (candidates
+    sharded over devices) keeps the vmap so that the candidate axis stays split.
+    """
+    def one(p, s, a, r, tt):
+        tid = None if task_id is None else jnp.full((s.shape[0],), task_id, jnp.int32)
+        return apply(cfg, p, s, a, r, tt, mask, tid, outputs="last")
+
+    if vmapped:
+        return jax.vmap(one)(params, *window)
+    if window[0].shape[0] == 1:
+        return one(jax.tree.map(lambda x: x[0], params), *(w[0] for w in window))[None]
+    return jax.lax.map(lambda x: one(*x), (params, *window))
 
 
-def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress):
+def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
     E, K = episodes, cfg.context_len
     qpos, qvel = reset_states(task, E, seed)
     env = envs.NativeBatchEnv(task, M * E)
     obs = env.set_state(np.tile(qpos, (M, 1)), np.tile(qvel, (M, 1))).reshape(M, E, -1)
-    ctx = jax.vmap(lambda _: Context.zeros(E, K, cfg.state_dim, cfg.act_dim))(jnp.arange(M))
+    if shard := sharding.candidate_sharding(mesh, M):  # the policy's candidates split over devices
+        params = jax.device_put(params, shard)
+    # the ring buffer (a host `Context`, slot t % K holds step t) and per-episode bookkeeping
+    ring = [np.zeros((M, E, K, cfg.state_dim), np.float32), np.zeros((M, E, K, cfg.act_dim), np.float32),
+            np.zeros((M, E, K, 1), np.float32), np.zeros((M, E, K), np.int32)]
+    states, acts, rtgs, times = ring
     mean, std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
     rtg = np.full((M, E), stats.target_return / stats.rtg_scale, np.float32)
     done = np.zeros((M, E), bool)
@@ -166,24 +182,34 @@ def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_
     length = np.zeros((M, E), np.int64)
     nan = np.zeros((M, E), np.int64)
     actions = np.zeros((M, E, task.act_dim))
-    pad_s = cfg.state_dim - task.obs_dim
     tid = jnp.int32(tid) if tid is not None else None
+    cand = np.arange(M)[:, None]
     for t in range(max_steps):
         live = ~done
         n_live = live.sum(1)
         if not n_live.any():
             break
         b = _bucket(int(n_live.max()), E)
-        # per candidate: its live episodes first, padded with (repeated) finished ones
+        # per candidate: its live episodes first, padded with finished ones
         idx = np.argsort(done, axis=1, kind="stable")[:, :b]
-        o = (obs[np.arange(M)[:, None], idx] - mean) / std
-        if pad_s:
-            o = np.pad(o, ((0, 0), (0, 0), (0, pad_s)))
-        a, ctx = _native_policy(cfg, params, ctx, jnp.int32(t), jnp.asarray(idx), jnp.asarray(o, jnp.float32),
-                                jnp.asarray(rtg[np.arange(M)[:, None], idx]), tid)
-        a = np.asarray(a)[..., :task.act_dim]
-        valid = np.arange(b)[None] < n_live[:, None]
-        rows = np.nonzero(valid)
+        slot = t % K  # write step t (state, rtg, timestep, zero action) as `policy_step` does
+        states[:, :, slot, :task.obs_dim] = (obs - mean) / std
+        acts[:, :, slot] = 0.0
+        rtgs[:, :, slot, 0] = rtg
+        times[:, :, slot] = min(t, cfg.max_ep_len - 1)
+        order = (t + 1 + np.arange(K)) % K  # the window oldest-first, zero-padded: `context_view`
+        valid = np.arange(K) >= K - 1 - min(t, K - 1)
+        window = [x[cand[..., None], idx[..., None], order] for x in ring]
+        if not valid.all():
+            for w in window:
+                w[:, :, ~valid] = 0
+        if shard:
+            window = jax.device_put(window, shard)
+        a = np.asarray(_native_policy(cfg, bool(shard), params, window,
+                                      np.broadcast_to(valid.astype(np.float32), (b, K)), tid))
+        acts[cand, idx, slot] = a
+        a = a[..., :task.act_dim]
+        rows = np.nonzero(np.arange(b)[None] < n_live[:, None])
         actions[rows[0], idx[rows]] = a[rows]
         obs_f, r, term, trunc, info = env.step(actions.reshape(M * E, -1))
         obs = obs_f.reshape(M, E, -1)
@@ -198,7 +224,7 @@ def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_
     return ret, length, nan
 
 
-def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress):
+def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
     from mdt_jax.envs.mjx import MjxEnv
 
     env = MjxEnv(task)
@@ -207,8 +233,9 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
     mean, std = jnp.asarray(stats.state_mean, jnp.float32), jnp.asarray(stats.state_std, jnp.float32)
     pad_s = cfg.state_dim - task.obs_dim
 
-    def episode(p):
-        st = jax.vmap(env.init_state)(jnp.asarray(qpos, jnp.float32), jnp.asarray(qvel, jnp.float32))
+    def episode(p, starts):  # one candidate's episodes from starts = (qpos, qvel), each (E, ...)
+        E = starts[0].shape[0]
+        st = jax.vmap(env.init_state)(*starts)
         ctx = Context.zeros(E, K, cfg.state_dim, cfg.act_dim)
         rtg0 = jnp.full((E,), stats.target_return / stats.rtg_scale, jnp.float32)
         zeros = jnp.zeros((E,))
@@ -229,8 +256,8 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
         (_, _, _, _, ret, length, nan), _ = jax.lax.scan(body, init, jnp.arange(max_steps))
         return ret, length, nan
 
-    out = jax.jit(jax.vmap(episode))(params)
-    out = jax.tree.map(np.asarray, out)
+    starts = (jnp.asarray(qpos, jnp.float32), jnp.asarray(qvel, jnp.float32))
+    out = sharding.split_rollouts(jax.vmap(episode, in_axes=(0, None)), mesh, params, starts)
     if progress is not None:
         progress(int(out[1].sum()))
     return out
@@ -238,12 +265,16 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
 
 def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskStats], *, episodes: int = 50,
              max_steps: int = 1000, seed: int = 0, executor: str = "auto",
-             progress: Callable[[int], None] | None = None) -> list[TaskResult]:
+             progress: Callable[[int], None] | None = None, mesh=None) -> list[TaskResult]:
     """Evaluate one param set, or M stacked on a leading axis, on every task in `tasks`.
 
     `stats[task]` gives the normalisation and target. Every candidate sees the same episode starts.
     `progress(n)` is called with the number of env steps just taken. Returns one TaskResult per task,
     arrays shaped (M, episodes) (M = 1 for a single param set).
+
+    `mesh` (`mdt_jax.sharding`) splits the work over its devices: with mjx, the candidates when M
+    divides the mesh, else the episodes; with native, the policy's candidates when M divides the
+    mesh (physics stays on this host, so a native mesh must be this host's devices).
     """
     if not isinstance(episodes, int) or episodes <= 0:
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
@@ -257,6 +288,9 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
     stacked = jax.tree.map(jnp.asarray, stacked)
     executor = envs.resolve_executor(executor)
     run = _evaluate_native if executor == "native" else _evaluate_mjx
+    if executor == "native" and mesh is not None and mesh.is_multi_process:
+        raise ValueError("evaluate: the native executor runs on one host; give it a mesh of this host's "
+                         "devices (sharding.data_mesh(jax.local_devices())) or use executor='mjx'")
     results = []
     for name in tasks:
         task = envs.get_task(name)
@@ -266,7 +300,7 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
         st = stats[name]
         if np.shape(st.state_mean) != (task.obs_dim,) or np.shape(st.state_std) != (task.obs_dim,):
             raise ValueError(f"stats[{name!r}]: state_mean/state_std must have shape ({task.obs_dim},)")
-        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seed, progress)
+        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seed, progress, mesh)
         results.append(TaskResult(name, np.asarray(ret, np.float64), np.asarray(length), np.asarray(nan),
                                   st.target_return))
     return results

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import subsets
+from mdt_jax import sharding, subsets
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
 from mdt_jax.models.dt import DTConfig, Linear
 from mdt_jax.train import action_loss
@@ -204,9 +204,10 @@ def _auto_chunk(batch_size: int, largest: int) -> int:
 
 
 def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, rng, method: str,
-                 sel: tuple[bool, ...], chunk: int | None) -> FisherResult:
+                 sel: tuple[bool, ...], chunk: int | None, mesh=None) -> FisherResult:
     """The Fisher over batches `get_batch(b)`, b < num_batches, in one lax.scan; batch b's dropout
-    key is `fold_in(rng, b)`."""
+    key is `fold_in(rng, b)`. With a `mesh`, the batches are split across its devices
+    (`sharding.sum_split`)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if len(sel) != len(flat):
         raise FisherError(f"subset: {len(sel)} mask leaves for {len(flat)} parameters")
@@ -223,14 +224,18 @@ def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, r
             return [g * g for g in jax.grad(lambda s: action_loss(cfg, with_sub(s), batch, key))(sub)]
         return _exact_squares(cfg, params, sel_paths, batch, key, chunk)
 
-    def body(carry, b):
-        acc, n = carry
+    def body(carry, b_valid):
+        (acc, n), (b, valid) = carry, b_valid
         batch = get_batch(b)
         sq = squares(batch, jax.random.fold_in(rng, b))
-        return ([a + x for a, x in zip(acc, sq)], n + jnp.sum(batch["mask"]).astype(jnp.int32)), None
+        keep = lambda x: jnp.where(valid, x, 0)  # padding batches of a split over devices add 0
+        return ([a + keep(x) for a, x in zip(acc, sq)], n + keep(jnp.sum(batch["mask"]).astype(jnp.int32))), None
 
-    init = ([jnp.zeros_like(x, jnp.float32) for x in sub], jnp.zeros((), jnp.int32))
-    (acc, n), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
+    def sums(idx, valid):
+        init = ([jnp.zeros_like(x, jnp.float32) for x in sub], jnp.zeros((), jnp.int32))
+        return jax.lax.scan(body, init, (idx, valid))[0]
+
+    acc, n = sharding.sum_split(sums, num_batches, mesh)
     F = [a / jnp.maximum(n, 1).astype(jnp.float32) for a in acc]
     trace = sum(jnp.sum(f) for f in F)
     it = iter(F)
@@ -239,34 +244,36 @@ def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, r
                         n_batches=num_batches, method=method)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "sel", "chunk"))
-def _from_batches(cfg, params, batches, rng, method, sel, chunk):
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "sel", "chunk", "mesh"))
+def _from_batches(cfg, params, batches, rng, method, sel, chunk, mesh=None):
     n = jax.tree.leaves(batches)[0].shape[0]
-    return _fisher_scan(cfg, params, lambda b: jax.tree.map(lambda x: x[b], batches), n, rng, method, sel, chunk)
+    return _fisher_scan(cfg, params, lambda b: jax.tree.map(lambda x: x[b], batches), n, rng, method, sel, chunk,
+                        mesh)
 
 
 def fisher_from_batches(cfg: DTConfig, params, batches: dict, rng: jax.Array, *, method: str = "faithful",
-                        subset=DEFAULT_SUBSET, chunk: int | None = None) -> FisherResult:
+                        subset=DEFAULT_SUBSET, chunk: int | None = None, mesh=None) -> FisherResult:
     """The Fisher over given batches: `batches` is a batch dict (`sample_batch` layout, plus
     `task_id` for multi-task models) with a leading axis of n batches. Batch b runs with dropout
     key `fold_in(rng, b)`, for both methods. `chunk` (exact): examples whose per-example gradients
-    of one tensor are held at once (default: as many as fit in CHUNK_BYTES).
+    of one tensor are held at once (default: as many as fit in CHUNK_BYTES). `mesh`
+    (`mdt_jax.sharding`): the batches are split across its devices; the same sums, in another order.
 
     Vmappable over models: ``jax.vmap(lambda p: fisher_from_batches(cfg, p, batches, rng))(stacked)``.
     """
     _check_method(method)
-    return _from_batches(cfg, params, batches, rng, method, subset_selection(params, subset), chunk)
+    return _from_batches(cfg, params, batches, rng, method, subset_selection(params, subset), chunk, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk"))
-def _from_data(cfg, params, data, rng, task_id, num_batches, batch_size, method, sel, chunk):
+@functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk", "mesh"))
+def _from_data(cfg, params, data, rng, task_id, num_batches, batch_size, method, sel, chunk, mesh=None):
     data_key, drop_key = jax.random.split(rng)
 
     def get_batch(b):
         batch = sample_batch(data, jax.random.fold_in(data_key, b), batch_size)
         return batch if task_id is None else batch | {"task_id": jnp.full((batch_size,), task_id, jnp.int32)}
 
-    return _fisher_scan(cfg, params, get_batch, num_batches, drop_key, method, sel, chunk)
+    return _fisher_scan(cfg, params, get_batch, num_batches, drop_key, method, sel, chunk, mesh)
 
 
 def average_tasks(per_task: FisherResult) -> FisherResult:
@@ -281,9 +288,10 @@ def average_tasks(per_task: FisherResult) -> FisherResult:
 
 def compute_fisher(cfg: DTConfig, params, data: SegmentData, rng: jax.Array, *, num_batches: int = 100,
                    batch_size: int = 64, method: str = "faithful", subset=DEFAULT_SUBSET,
-                   task: int | str | None = None, chunk: int | None = None) -> FisherResult:
+                   task: int | str | None = None, chunk: int | None = None, mesh=None) -> FisherResult:
     """The Fisher of `params` over `num_batches` batches of `batch_size` segments sampled on device
-    from `data` (the reference's defaults: 100 x 64).
+    from `data` (the reference's defaults: 100 x 64). With a `mesh` (`mdt_jax.sharding`), the
+    batches are split across its devices.
 
     Batch b is ``sample_batch(data, fold_in(k_data, b), batch_size)`` and runs with dropout key
     ``fold_in(k_drop, b)``, where ``k_data, k_drop = split(rng)``. Normalisation is whatever `data`
@@ -301,7 +309,7 @@ def compute_fisher(cfg: DTConfig, params, data: SegmentData, rng: jax.Array, *, 
             raise FisherError(f"{name}: must be a positive int, got {v!r}")
     sel = subset_selection(params, subset)
     run = functools.partial(_from_data, cfg, params, num_batches=num_batches, batch_size=batch_size,
-                            method=method, sel=sel, chunk=chunk)
+                            method=method, sel=sel, chunk=chunk, mesh=mesh)
     stacked = data.traj_lens.ndim == 2
     if not cfg.multi:
         if task is not None or stacked:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mdt_jax import subsets
+from mdt_jax import sharding, subsets
 from mdt_jax.models.dt import DTConfig, apply, init_params
 
 HPARAMS = ("learning_rate", "weight_decay", "init_reg")
@@ -186,13 +186,16 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
     return step
 
 
-def make_train_chunk(cfg: DTConfig, tcfg: TrainConfig, sample: Callable, *, vmapped: bool = False):
+def make_train_chunk(cfg: DTConfig, tcfg: TrainConfig, sample: Callable, *, vmapped: bool = False,
+                     mesh: jax.sharding.Mesh | None = None):
     """jit(`chunk(state, data, n) -> (state, metrics)`): n steps in one lax.scan, state donated.
 
     With `vmapped`, state and data carry a leading model axis (seeds, hparams or tasks) and every
-    model is trained in the same call.
+    model is trained in the same call. With a `mesh` (`mdt_jax.sharding`), training is data
+    parallel: state and data are replicated over it and each sampled batch is split across its
+    devices on the batch axis (which the device count must divide).
     """
-    step = make_train_step(cfg, tcfg, sample)
+    step = make_train_step(cfg, tcfg, sharding.sharded_sampler(sample, mesh))
 
     def chunk(state, data, n):
         def body(s, _):
@@ -201,8 +204,10 @@ def make_train_chunk(cfg: DTConfig, tcfg: TrainConfig, sample: Callable, *, vmap
         return state, jax.tree.map(jnp.mean, metrics) | {"last_loss": metrics["loss"][-1]}
 
     if vmapped:
-        chunk_v = jax.vmap(chunk, in_axes=(0, 0, None))
-        return jax.jit(chunk_v, static_argnums=2, donate_argnums=0)
+        chunk = jax.vmap(chunk, in_axes=(0, 0, None))
+    if mesh is not None:
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(rep, rep), out_shardings=rep)
     return jax.jit(chunk, static_argnums=2, donate_argnums=0)
 
 
@@ -222,14 +227,17 @@ def default_sampler(cfg: DTConfig, tcfg: TrainConfig) -> Callable:
 def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str, seed: int = 0,
         params=None, steps_per_call: int = 100, checkpoint_every: int = 1000, log_every: int | None = None,
         sample: Callable | None = None, progress: bool = True, stop_after: int | None = None,
-        init: Callable[[], TrainState] | None = None, vmapped: bool = False, desc: str = "train") -> TrainState:
+        init: Callable[[], TrainState] | None = None, vmapped: bool = False, desc: str = "train",
+        mesh: jax.sharding.Mesh | None = None) -> TrainState:
     """Train for `num_steps` with checkpoints in `workdir/checkpoints`, resuming from the latest.
 
     Metrics go to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`. `stop_after`
     stops early after that many steps of this call (used to test interruption). `init()` builds
     the initial state instead of `init_state(cfg, tcfg, key(seed), params)`; with `vmapped`, it
     returns states stacked on a leading model axis, `data` is stacked likewise, and every model
-    trains in the same call (logged metrics are means over models).
+    trains in the same call (logged metrics are means over models). With a `mesh`, training is data
+    parallel over its devices (`make_train_chunk`); across hosts, every host runs `fit` alike,
+    `workdir` is on a filesystem they share, and only process 0 writes metrics.
     """
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -242,7 +250,7 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         raise ValueError("steps_per_call and checkpoint_every must be positive")
     log_every = log_every or steps_per_call
     sample = sample or default_sampler(cfg, tcfg)
-    chunk = make_train_chunk(cfg, tcfg, sample, vmapped=vmapped)
+    chunk = make_train_chunk(cfg, tcfg, sample, vmapped=vmapped, mesh=mesh)
     init = init or (lambda: init_state(cfg, tcfg, jax.random.key(seed), params))
     os.makedirs(workdir, exist_ok=True)
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -255,10 +263,13 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         state = jax.tree.map(jnp.asarray, state)
     else:
         state = init()
+    if mesh is not None:
+        state, data = sharding.put((state, data), mesh)
     start = int(np.max(state.step))
-    writer = MetricWriter(workdir, truncate_after=start)
-    bar = tqdm(total=num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=desc)
+    primary = jax.process_index() == 0
+    writer = MetricWriter(workdir, truncate_after=start) if primary else None
+    bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), unit="step",
+               dynamic_ncols=True, desc=desc)
     end = num_steps if stop_after is None else min(num_steps, start + stop_after)
     step = start
     t0, s0 = time.perf_counter(), step
@@ -275,7 +286,7 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
             if not np.isfinite(m["loss"]):
                 raise FloatingPointError(f"loss became {m['loss']} at step {step}; last checkpoint kept")
             rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
-            if step % log_every == 0 or step == end:
+            if writer and (step % log_every == 0 or step == end):
                 writer.write(step, m | {"steps_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{rate:.1f}")
             if step % checkpoint_every == 0 or step == num_steps:
@@ -283,7 +294,8 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
                 mngr.wait_until_finished()
     finally:
         bar.close()
-        writer.close()
+        if writer:
+            writer.close()
         mngr.close()
     return state
 
