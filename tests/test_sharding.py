@@ -46,7 +46,10 @@ def _close(one, eight, prefix, rtol):
 
 
 def test_data_parallel_training_matches_one_device(one_and_eight):
-    _close(*one_and_eight, "train/", rtol=1e-5)  # measured: at most 1e-8 apart after 10 steps
+    # Adam normalises each update, so near-zero-gradient entries amplify the reordered gradient
+    # sums: measured up to 2.6e-6 apart (1e-5 of the tensor's scale) after 10 steps on a fresh
+    # cache; a wrong split shows as differences of order one
+    _close(*one_and_eight, "train/", rtol=1e-4)
 
 
 def test_fisher_split_over_devices_matches_one_device(one_and_eight):
