@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 5_000
     c.log_every = 100
     c.rtg_scale = 1000.0
+    c.mesh_devices = 0  # data-parallel devices: 0 = as many as divide the batch (all, across hosts), 1 = one
     c.init_from = ""  # a DT checkpoint whose params start training (e.g. a common init)
     c.model = model_config()
     c.train = train_config()

@@ -41,6 +41,9 @@ def config_app(default_config: str, fn: str, workdir_help: str):
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from mdt_jax.sharding import initialize_distributed
+
+        initialize_distributed()  # multi-host when launched so (see README), else nothing
         module, name = fn.rsplit(".", 1)
         print(run_or_exit(getattr(importlib.import_module(module), name), config.value, workdir.value))
 

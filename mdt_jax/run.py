@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import checkpoint
+from mdt_jax import checkpoint, sharding
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
-from mdt_jax.train import TrainConfig, fit, run_config_guard
+from mdt_jax.train import TrainConfig, default_sampler, fit, run_config_guard
 
 
 def _plain(c) -> dict:
@@ -113,16 +113,25 @@ def train_from_config(config, workdir: str) -> str:
         data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
         meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
     model_dir = os.path.join(workdir, "model")
-    run_config_guard(workdir, _plain(config))
+    # the device count is not part of the run: a run may resume on other devices
+    run_config_guard(workdir, {k: v for k, v in _plain(config).items() if k != "mesh_devices"})
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
         print(f"already trained: {model_dir}")
         return model_dir
+    rows = jax.eval_shape(sample or default_sampler(cfg, tcfg), data, jax.random.key(0))["mask"].shape[0]
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every, sample=sample, desc=f"train {config.task}")
+                log_every=config.log_every, sample=sample, desc=f"train {config.task}",
+                mesh=sharding.mesh_for(rows, config.get("mesh_devices", 0)))
     meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
              "seed": int(config.seed), "train": _plain(config.train)}
-    return checkpoint.save(model_dir, jax.device_get(state.params), cfg, meta)
+    params = jax.device_get(state.params)
+    if jax.process_index() == 0:  # across hosts, process 0 writes the model and the others wait
+        model_dir = checkpoint.save(model_dir, params, cfg, meta)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("mdt_jax model saved")
+    return model_dir
 
 
 def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "return_std", "return_over_target",
@@ -404,3 +413,19 @@ def merge_from_config(config, workdir: str) -> str:
     write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
     return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
                                      "return_over_target", "normalized"))
+
+
+def train_behaviour_from_config(config, workdir: str) -> str:
+    """Run configs/behaviour.py: SAC on the native executor (see mdt_jax.behaviour.sac)."""
+    import shlex
+    import sys
+
+    from mdt_jax.behaviour import sac
+
+    cfg = sac.SACConfig(**_plain(config.sac))
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "launch.train_behaviour"]
+                       + sys.argv[1:])
+    return sac.train(config.task, workdir, env_steps=int(config.env_steps), cfg=cfg, seed=int(config.seed),
+                     save_every=int(config.save_every), eval_every=int(config.eval_every),
+                     eval_episodes=int(config.eval_episodes), stop_return=float(config.stop_return),
+                     command=command, log=lambda s: print(s, flush=True))

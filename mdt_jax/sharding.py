@@ -3,12 +3,12 @@
 What is split over the mesh, and how (everything else is replicated):
 - training: the sampled batch, on its batch axis (`shard_batch`, a sharding constraint in the
   step); params, optimizer state and the dataset are replicated, and XLA all-reduces the gradient;
-- Fisher: the batches, across devices (`sum_split`: each device scans its share, then one psum);
+- Fisher: the batches, across devices (`sum_split`: each device scans its share, then one sum);
 - evaluation: merge candidates, or episodes when the candidates do not divide the mesh
   (`split_rollouts`, a shard_map; mjx executor), and the candidate axis of the jitted policy
   call when it divides the mesh (native executor; the MuJoCo C physics stays on the host).
 
-Every function takes `mesh=None` to mean one device, unchanged. Multi-host: call
+Throughout the library, `mesh=None` means one device, as before. Multi-host: call
 `initialize_distributed()` first; `data_mesh()` then spans every host's devices, and each host
 runs the same program on the same inputs (`put` checks they agree).
 """
@@ -67,8 +67,8 @@ def mesh_for(rows: int, num_devices: int = 0) -> Mesh | None:
     devices, multi = jax.devices(), jax.process_count() > 1
     n = num_devices or (len(devices) if multi else max(d for d in range(1, len(devices) + 1) if rows % d == 0))
     if not 0 < n <= len(devices) or (multi and n != len(devices)):
-        raise ValueError(f"mesh_devices: {n} devices asked for, {len(devices)} available "
-                         f"{'(a multi-host mesh spans them all)' if multi else ''}")
+        raise ValueError(f"mesh_devices: {n} devices asked for, {len(devices)} available"
+                         + (" (a multi-host mesh spans them all)" if multi else ""))
     if rows % n:
         raise ValueError(f"mesh_devices: {n} devices do not divide the batch of {rows} samples")
     return None if n == 1 else data_mesh(devices[:n])
@@ -83,11 +83,15 @@ def put(tree: Any, mesh: Mesh, spec: P = P()) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """numpy copies of `tree`'s arrays; across hosts, gathered from every host's shards."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)
+    """numpy copies of `tree`'s arrays; an array split across hosts is gathered from all of them."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -109,17 +113,16 @@ def sum_split(fn: Callable[[jax.Array, jax.Array], Any], num: int, mesh: Mesh | 
     """The sum over indices i < num of per-index terms, computed by `fn(idx, valid)`, which returns
     the (pytree) sum of the terms of the indices `idx` whose `valid` is True.
 
-    With a mesh, the indices are split across its devices (padded with invalid ones to a multiple
-    of the mesh size), each device sums its share, and one psum adds the shares up: the same
-    terms, summed in another order.
+    With a mesh, the indices are dealt into one row per device (padded with invalid ones), `fn` is
+    vmapped over the rows with the row axis split over the mesh, and the rows' sums are added (one
+    all-reduce): the same terms, summed in another order. (Not shard_map: `fn` may close over
+    arrays placed on the mesh, which shard_map bodies cannot use in this JAX.)
     """
     idx, valid = jnp.arange(num), jnp.ones(num, bool)
     if mesh is None:
         return fn(idx, valid)
-    pad = -num % mesh.size
-    idx, valid = jnp.pad(idx, (0, pad)), jnp.pad(valid, (0, pad))
-    per_device = lambda i, v: jax.lax.psum(fn(i, v), AXIS)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(), check_vma=False)(idx, valid)
+    rows = lambda x: shard_batch(jnp.pad(x, (0, -num % mesh.size)).reshape(mesh.size, -1), mesh)
+    return jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(fn)(rows(idx), rows(valid)))
 
 
 def candidate_sharding(mesh: Mesh | None, num_candidates: int) -> NamedSharding | None:

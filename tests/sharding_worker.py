@@ -2,7 +2,9 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py OUT.npz
 
-runs them over a mesh of all (here 8 forced CPU) devices and saves the results to OUT.npz.
+runs them over a mesh of all (here 8 forced CPU) devices and saves the results to OUT.npz. With
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, each process runs as one host
+of a multi-host mesh (CPU collectives through gloo), and process 0 saves.
 """
 import os
 import sys
@@ -55,20 +57,24 @@ def _toy_rollouts(params, starts):
 def runs(mesh) -> dict:
     """{name: numpy array}: params after 10 data-parallel steps; Fishers over 5 batches (not a
     multiple of 8, so the split over devices pads); native evaluation returns with 8 candidates
-    split across devices; and `split_rollouts` by candidate (8) and by episode (2 candidates, 3
-    episodes, padded to 8)."""
+    split across devices (one host only); and `split_rollouts` by candidate (8) and by episode
+    (2 candidates, 3 episodes, padded to 8)."""
     out = {}
     chunk = T.make_train_chunk(CFG, TCFG, lambda d, k: sample_batch(d, k, TCFG.batch_size), mesh=mesh)
     params = jax.tree.map(lambda x: x[0], _candidates(1))
-    state, _ = chunk(T.init_state(CFG, TCFG, jax.random.key(0), params), _data(), 10)
-    out |= {f"train/{i}": x for i, x in enumerate(jax.tree.leaves(state.params))}
+    state, data = T.init_state(CFG, TCFG, jax.random.key(0), params), _data()
+    if mesh is not None:  # as `fit` does; the Fisher then sees params placed on the mesh
+        state, data, params = sharding.put((state, data, params), mesh)
+    state, _ = chunk(state, data, 10)
+    out |= {f"train/{i}": x for i, x in enumerate(jax.tree.leaves(sharding.to_host(state.params)))}
     for method in fisher.METHODS:
-        f = fisher.compute_fisher(CFG, params, _data(), jax.random.key(1),
-                                  num_batches=5, batch_size=8, method=method, mesh=mesh)
-        out |= {f"fisher_{method}/{i}": x for i, x in enumerate(jax.tree.leaves(f))}
-    r = ev.evaluate(CFG, _candidates(8), ["hopper"], _stats(), episodes=2, max_steps=20, executor="native",
-                    mesh=mesh)[0]
-    out |= {"eval_native/returns": r.returns, "eval_native/lengths": r.lengths}
+        f = fisher.compute_fisher(CFG, params, data, jax.random.key(1), num_batches=5, batch_size=8,
+                                  method=method, mesh=mesh)
+        out |= {f"fisher_{method}/{i}": x for i, x in enumerate(jax.tree.leaves(sharding.to_host(f)))}
+    if mesh is None or not mesh.is_multi_process:
+        r = ev.evaluate(CFG, _candidates(8), ["hopper"], _stats(), episodes=2, max_steps=20, executor="native",
+                        mesh=mesh)[0]
+        out |= {"eval_native/returns": r.returns, "eval_native/lengths": r.lengths}
     starts = jax.random.normal(jax.random.key(4), (3, CFG.state_dim))
     for m in (8, 2):
         out[f"rollouts_{m}"] = sharding.split_rollouts(_toy_rollouts, mesh, _candidates(m), starts)
@@ -76,6 +82,11 @@ def runs(mesh) -> dict:
 
 
 if __name__ == "__main__":
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    sharding.initialize_distributed()
     if len(jax.devices()) < 2:
         sys.exit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    np.savez(sys.argv[1], n_devices=len(jax.devices()), **runs(sharding.data_mesh()))
+    out = runs(sharding.data_mesh())
+    if jax.process_index() == 0:
+        np.savez(sys.argv[1], n_devices=len(jax.devices()), **out)
