@@ -1,6 +1,7 @@
 """Glue from ml_collections configs to library calls (used by the absl launchers and notebooks)."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -192,33 +193,70 @@ def evaluate_from_config(config, workdir: str) -> str:
     return results_table(rows) + warn
 
 
+QUALITIES = ("random", "medium", "expert", "medium-expert")
+
+
 def collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
                     num_envs: int = 64) -> str:
     """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
 
-    Finished waves are kept beside the target (`.<name>.waves/`) until the file is written, so a
-    killed run resumes where it stopped and writes the same bytes.
+    random: uniform actions in [-1, 1]. medium / expert: the committed behaviour policies
+    (`mdt_jax/behaviour/policies/<task>/<quality>`), sampled stochastically as D4RL's data was.
+    medium-expert: the medium and the expert datasets of `transitions` each, concatenated (as
+    D4RL's), made beside `path` (and reused) when missing. Finished waves are kept beside the
+    target (`.<name>.waves/`) until the file is written, so a killed run resumes where it stopped
+    and writes the same bytes.
     """
     import shutil
 
     from tqdm import tqdm
 
+    from mdt_jax.behaviour import policy as pol
     from mdt_jax.behaviour.collect import collect, uniform_policy
-    from mdt_jax.data import save_d4rl_hdf5
+    from mdt_jax.data import OfflineDataset, load_d4rl_hdf5, save_d4rl_hdf5
 
+    if quality not in QUALITIES:
+        raise ValueError(f"config.quality: unknown {quality!r}; choose one of {QUALITIES}")
     if os.path.exists(path):
         return path
-    if quality != "random":
-        raise ValueError(f"config.quality: {quality!r} needs trained behaviour policies, which this build lacks; "
-                         "use 'random'")
     parent, name = os.path.split(os.path.abspath(path))
+    if quality == "medium-expert":
+        parts = [load_d4rl_hdf5(collect_dataset(task, q, transitions, os.path.join(parent, f"{task}-{q}.hdf5"),
+                                                seed=seed + i, num_envs=num_envs))
+                 for i, q in enumerate(("medium", "expert"))]
+        meta = {"task": task, "quality": quality, "seed": seed, "transitions": 2 * transitions,
+                "parts": [p.metadata for p in parts],
+                "return_mean": float(np.mean([p.metadata["return_mean"] for p in parts]))}
+        fields = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+        save_d4rl_hdf5(OfflineDataset(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields},
+                                      metadata=meta), path)
+        return path
+    if quality == "random":
+        policy, about = uniform_policy(task_dims(task)[1]), {"policy": "uniform_random"}
+    else:
+        pdir = behaviour_policy_dir(task, quality)
+        pcfg, params, pmeta = pol.load_policy(pdir)
+        if pcfg.task != task:
+            raise ValueError(f"{pdir}: a policy for {pcfg.task!r}, not {task!r}")
+        policy = pol.numpy_policy(params)
+        about = {"policy": f"sac:{task}/{quality}", "policy_env_steps": pmeta.get("env_steps"),
+                 "policy_eval_return": pmeta.get("eval_return_mean")}
     waves = os.path.join(parent, f".{name}.waves")
-    with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}") as bar:
-        ds = collect(task, uniform_policy(task_dims(task)[1]), transitions, num_envs=num_envs, seed=seed,
-                     progress=bar.update, metadata={"policy": "uniform_random", "quality": quality}, wave_dir=waves)
+    with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}-{quality}") as bar:
+        ds = collect(task, policy, transitions, num_envs=num_envs, seed=seed, progress=bar.update,
+                     metadata=about | {"quality": quality}, wave_dir=waves)
     save_d4rl_hdf5(ds, path)
     shutil.rmtree(waves, ignore_errors=True)
     return path
+
+
+def behaviour_policy_dir(task: str, quality: str) -> str:
+    """The committed behaviour policy for (task, quality), shipped inside the package."""
+    d = os.path.join(os.path.dirname(__file__), "behaviour", "policies", task, quality)
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"no committed {quality!r} behaviour policy for {task!r} (looked in {d}); "
+                                "train one with launch.train_behaviour and pick it with launch.select_behaviour")
+    return d
 
 
 def collect_from_config(config, workdir: str) -> str:
@@ -227,6 +265,8 @@ def collect_from_config(config, workdir: str) -> str:
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; use a new --workdir or remove it")
     task_dims(config.task)
+    if config.quality not in QUALITIES:
+        raise ValueError(f"config.quality: unknown {config.quality!r}; choose one of {QUALITIES}")
     if config.transitions <= 0:
         raise ValueError(f"config.transitions: must be a positive int, got {config.transitions}")
     os.makedirs(workdir, exist_ok=True)
@@ -279,7 +319,6 @@ def _floats(value) -> list[float]:
 
 def _stage(workdir: str, key: str, fn):
     """Run `fn()` once per workdir: its JSON result is kept in `workdir/stages/<key>.json` and reused."""
-    import json
     path = os.path.join(workdir, "stages", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -429,3 +468,61 @@ def train_behaviour_from_config(config, workdir: str) -> str:
                      save_every=int(config.save_every), eval_every=int(config.eval_every),
                      eval_episodes=int(config.eval_episodes), stop_return=float(config.stop_return),
                      command=command, log=lambda s: print(s, flush=True))
+
+
+def select_behaviour_from_config(config, workdir: str) -> str:
+    """Run configs/select_behaviour.py: pick the expert and medium checkpoints of a behaviour run.
+
+    Every saved actor in WORKDIR/policies is evaluated on `episodes` episodes (deterministic,
+    tanh(mean)); the expert is the best; the medium is the checkpoint whose mean return is
+    closest to `medium_fraction` of the expert's, within [medium_min, medium_max] of it. Both are
+    evaluated again stochastically (how datasets are collected) and saved with their returns, the
+    training command, seed and wall time to `out` (by default the package's committed policies).
+    """
+    from mdt_jax.behaviour import policy as pol
+    from mdt_jax.behaviour.sac import evaluate_policy
+
+    task = config.task
+    task_dims(task)
+    if not 0 < config.medium_min <= config.medium_fraction <= config.medium_max < 1:
+        raise ValueError("config.medium_min <= config.medium_fraction <= config.medium_max must lie in (0, 1)")
+    root = os.path.join(workdir, "policies")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no behaviour policies (run launch.train_behaviour first)")
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    if not steps:
+        raise FileNotFoundError(f"{root}: no step_* checkpoints")
+    out = config.out or os.path.join(os.path.dirname(__file__), "behaviour", "policies", task)
+    if not config.overwrite:
+        for q in ("expert", "medium"):
+            if os.path.exists(os.path.join(out, q)):
+                raise FileExistsError(f"{os.path.join(out, q)} exists; pass --config.overwrite=True to replace it")
+    scores = {}
+    for s in steps:
+        cfg, params, meta = pol.load_policy(os.path.join(root, s))
+        if cfg.task != task:
+            raise ValueError(f"{root}/{s}: a policy for {cfg.task!r}, not {task!r}")
+        r = evaluate_policy(task, params, config.episodes, seed=config.seed)
+        scores[s] = (float(r.mean()), float(r.std()))
+        print(f"{task} {s}: {scores[s][0]:9.1f} ± {scores[s][1]:7.1f}", flush=True)
+    expert = max(scores, key=lambda s: scores[s][0])
+    best = scores[expert][0]
+    inside = [s for s in scores if config.medium_min * best <= scores[s][0] <= config.medium_max * best]
+    if not inside:
+        raise ValueError(f"{root}: no checkpoint scores within [{config.medium_min}, {config.medium_max}] of the "
+                         f"expert's {best:.1f}; save checkpoints more often")
+    medium = min(inside, key=lambda s: abs(scores[s][0] - config.medium_fraction * best))
+    summary = {}
+    for q, s in (("expert", expert), ("medium", medium)):
+        cfg, params, meta = pol.load_policy(os.path.join(root, s))
+        stoch = evaluate_policy(task, params, config.episodes, seed=config.seed, deterministic=False)
+        sel = {"checkpoint": s, "episodes": int(config.episodes), "eval_seed": int(config.seed),
+               "return_mean": scores[s][0], "return_std": scores[s][1],
+               "stochastic_return_mean": float(stoch.mean()), "stochastic_return_std": float(stoch.std()),
+               "fraction_of_expert": scores[s][0] / best}
+        pol.save_policy(os.path.join(out, q), params, cfg, meta | {"quality": q, "selection": sel},
+                        overwrite=bool(config.overwrite))
+        summary[q] = sel | {"env_steps": meta.get("env_steps"), "wall_s": meta.get("wall_s"),
+                            "seed": meta.get("seed"), "command": meta.get("command")}
+    write_json_atomic(os.path.join(out, "selection.json"), {"task": task, "scores": scores, **summary})
+    return json.dumps(summary, indent=1)

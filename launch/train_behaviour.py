@@ -1,0 +1,8 @@
+"""Train a behaviour policy. The config's docstring (configs/behaviour.py) gives the command."""
+from launch._common import config_app, run_app
+
+main = config_app("configs/behaviour.py", "mdt_jax.run.train_behaviour_from_config",
+                  "Run folder: policies/, state/ (resumable), metrics.jsonl.")
+
+if __name__ == "__main__":
+    run_app(main)

@@ -1,0 +1,126 @@
+"""Behaviour policies: the actor in JAX and NumPy, the SAC update, the trainer loop with its
+checkpoints and resume, and the policy checkpoint format."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdt_jax.behaviour import policy as pol
+from mdt_jax.behaviour import sac
+
+PCFG = pol.PolicyConfig("hopper", 11, 3, (32, 32))
+TINY = sac.SACConfig(hidden=(32, 32), batch_size=32, buffer_size=5_000, start_steps=200, chunk=50)
+
+
+def test_numpy_actor_equals_the_jax_actor():
+    params = pol.init_actor(PCFG, jax.random.key(0))
+    obs = np.random.default_rng(0).standard_normal((7, 11)).astype(np.float32)
+    mean, log_std = pol.actor(PCFG).apply({"params": params}, obs)
+    np_mean, np_log_std = pol.numpy_forward(jax.tree.map(np.asarray, params), obs)
+    np.testing.assert_allclose(np_mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np_log_std, log_std, rtol=1e-5, atol=1e-6)
+    det = pol.numpy_policy(params, deterministic=True)(obs, None)
+    np.testing.assert_allclose(det, np.tanh(mean), rtol=1e-5, atol=1e-6)
+    stoch = pol.numpy_policy(params)(obs, np.random.default_rng(1))
+    assert stoch.shape == (7, 3) and np.all(np.abs(stoch) <= 1) and not np.allclose(stoch, det)
+
+
+def test_tanh_gaussian_log_prob_matches_the_change_of_variables():
+    params = pol.init_actor(PCFG, jax.random.key(1))
+    obs = jax.random.normal(jax.random.key(2), (5, 11))
+    a, logp = pol.sample_action(PCFG, params, obs, jax.random.key(3))
+    mean, log_std = pol.actor(PCFG).apply({"params": params}, obs)
+    u = jnp.arctanh(jnp.clip(a, -1 + 1e-6, 1 - 1e-6))
+    want = jnp.sum(jax.scipy.stats.norm.logpdf(u, mean, jnp.exp(log_std)) - jnp.log(1 - jnp.tanh(u) ** 2), -1)
+    np.testing.assert_allclose(logp, want, rtol=1e-3, atol=1e-3)
+
+
+def test_sac_updates_fit_the_critic_and_move_the_temperature():
+    state = sac.init_state(PCFG, TINY, jax.random.key(0))
+    r = np.random.default_rng(0)
+    batch = {"obs": r.standard_normal((32, 11)), "act": r.uniform(-1, 1, (32, 3)), "rew": r.standard_normal(32),
+             "next_obs": r.standard_normal((32, 11)), "term": np.ones(32)}  # terminal: y = r, a fixed target
+    batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), batch)
+    step = jax.jit(lambda s, k: sac.update(PCFG, TINY, s, batch, k))
+    losses = []
+    for i in range(300):
+        state, m = step(state, jax.random.key(i))
+        losses.append(float(m["critic_loss"]))
+    assert losses[-1] < 0.1 * losses[0]
+    # a fresh actor's entropy is far above -act_dim, so the temperature falls from 1
+    assert float(jnp.exp(state.log_alpha)) < 0.95
+    assert int(state.updates) == 300
+
+
+def test_replay_buffer_wraps_around():
+    buf = sac.init_buffer(PCFG, 5)
+    new = lambda v, n: {"obs": jnp.full((n, 11), v), "act": jnp.zeros((n, 3)), "rew": jnp.full((n,), v),
+                        "next_obs": jnp.zeros((n, 11)), "term": jnp.zeros((n,))}
+    buf = sac.insert(buf, new(1.0, 3))
+    buf = sac.insert(buf, new(2.0, 4))
+    assert int(buf["size"]) == 5 and int(buf["ptr"]) == 2
+    np.testing.assert_array_equal(buf["rew"], [2, 2, 1, 2, 2])
+
+
+def _train(workdir, steps, **kw):
+    return sac.train("hopper", str(workdir), env_steps=steps, cfg=TINY, seed=3, save_every=300, eval_every=300,
+                     eval_episodes=2, log=lambda s: None, **kw)
+
+
+def test_trainer_saves_policies_resumes_and_is_deterministic(tmp_path):
+    _train(tmp_path / "a", 600)
+    _train(tmp_path / "b", 300)
+    assert not os.path.exists(tmp_path / "b" / "policies" / "step_00000600")
+    _train(tmp_path / "b", 600)  # resumes from b/state at 300
+    rows = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["env_steps"] for r in rows] == [300, 600] and all(np.isfinite(r["eval_return"]) for r in rows)
+    cfg, pa, meta = pol.load_policy(tmp_path / "a" / "policies" / "step_00000600")
+    assert cfg == PCFG and meta["env_steps"] == 600 and meta["updates"] == 400 and meta["seed"] == 3
+    _, pb, meta_b = pol.load_policy(tmp_path / "b" / "policies" / "step_00000600")
+    assert meta_b["updates"] == 400
+    _train(tmp_path / "c", 600)  # same seed, same params
+    _, pc, _ = pol.load_policy(tmp_path / "c" / "policies" / "step_00000600")
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pc)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="another config"):
+        sac.train("hopper", str(tmp_path / "a"), env_steps=900, cfg=sac.SACConfig(hidden=(16,), start_steps=200),
+                  save_every=300, eval_every=300, log=lambda s: None)
+
+
+def test_policy_checkpoint_refuses_bad_files(tmp_path):
+    params = jax.tree.map(np.asarray, pol.init_actor(PCFG, jax.random.key(0)))
+    d = pol.save_policy(tmp_path / "p", params, PCFG, {"note": "x"})
+    with pytest.raises(FileExistsError):
+        pol.save_policy(d, params, PCFG)
+    with pytest.raises(pol.PolicyError, match="do not fit"):
+        pol.save_policy(tmp_path / "q", params, pol.PolicyConfig("hopper", 11, 3, (64, 64)))
+    assert not os.path.exists(tmp_path / "q")
+    bad = jax.tree.map(lambda x: x.copy(), params)
+    bad["mlp"]["out"]["bias"][0] = np.nan
+    with pytest.raises(pol.PolicyError, match="non-finite.*mlp/out/bias"):
+        pol.save_policy(tmp_path / "r", bad, PCFG)
+    shutil.copytree(d, tmp_path / "broken")
+    with open(tmp_path / "broken" / pol.META_FILE, "w") as f:
+        f.write("{not json")
+    with pytest.raises(pol.PolicyError, match="corrupt"):
+        pol.load_policy(tmp_path / "broken")
+    shutil.copytree(d, tmp_path / "other")
+    meta = json.load(open(d + "/" + pol.META_FILE))
+    meta["config"]["hidden"] = [64, 64]
+    json.dump(meta, open(tmp_path / "other" / pol.META_FILE, "w"))
+    with pytest.raises(pol.PolicyError, match="do not fit"):
+        pol.load_policy(tmp_path / "other")
+    shutil.copytree(d, tmp_path / "trunc")
+    for f in (tmp_path / "trunc" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[:32])
+    with pytest.raises(pol.PolicyError, match="corrupt or truncated"):
+        pol.load_policy(tmp_path / "trunc")
+    cfg, loaded, meta = pol.load_policy(d)
+    assert meta == {"note": "x"} and cfg == PCFG
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(x, y)
