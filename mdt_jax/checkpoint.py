@@ -18,9 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from mdt_jax.fileio import write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig, param_shapes
 
 FORMAT = "mdt_jax.dt"
@@ -70,12 +69,7 @@ def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
             "metadata": _json_safe(metadata or {})}
 
-    def write_params(path):
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, jax.tree.map(np.asarray, params))
-        ckptr.wait_until_finished()
-
-    write_dir_atomic(directory, {"params": write_params,
+    write_dir_atomic(directory, {"params": orbax_writer(params),
                                  META_FILE: lambda path: write_json_atomic(path, meta)}, overwrite=overwrite)
     return directory
 
@@ -84,20 +78,7 @@ def read_meta(directory: str | os.PathLike) -> tuple[DTConfig, dict]:
     """Validate `DIR/mdt.json` and return (config, metadata) without touching any array."""
     directory = os.fspath(directory)
     path = os.path.join(directory, META_FILE)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint folder at {directory}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory} is not an mdt_jax DT checkpoint: {META_FILE} is missing")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {FORMAT!r} (not a DT checkpoint)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, CheckpointError, "DT checkpoint")
     try:
         cfg = DTConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as e:
@@ -112,20 +93,9 @@ def load(directory: str | os.PathLike) -> tuple[DTConfig, dict, dict]:
     pdir = os.path.join(directory, "params")
     if not os.path.isdir(pdir):
         raise CheckpointError(f"{directory}: params/ is missing (incomplete checkpoint)")
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        stored = ckptr.metadata(pdir)
-        stored = getattr(stored, "item_metadata", stored)
-        check_params(cfg, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(stored),
-                                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype")),
-                     what=f"arrays stored in {pdir}")
-        target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), param_shapes(cfg))
-        params = ckptr.restore(pdir, target)
-    except CheckpointError:
-        raise
-    except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
-        raise CheckpointError(f"{pdir} could not be read (corrupt or truncated checkpoint): "
-                              f"{type(e).__name__}: {str(e)[:300]}") from None
+    target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), param_shapes(cfg))
+    params = orbax_read(pdir, CheckpointError, "checkpoint", target=target,
+                        check=lambda stored: check_params(cfg, stored, what=f"arrays stored in {pdir}"))
     params = jax.tree.map(np.asarray, params)
     for path, leaf in tree_paths(params).items():
         if not np.all(np.isfinite(leaf)):

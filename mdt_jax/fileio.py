@@ -76,3 +76,69 @@ def write_dir_atomic(folder, files: Mapping[str, Callable[[str], None]], *, over
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# ------------------------------------------------------------- artifact folders: JSON header + orbax arrays
+
+def read_header(directory, meta_file: str, fmt: str, version: int, error: type[Exception], what: str) -> dict:
+    """Validate and return `directory/meta_file`, a JSON header {"format": fmt, "format_version":
+    version, ...}; anything else raises `error` naming the path (a missing folder: FileNotFoundError)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, meta_file)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no {what} folder at {directory}")
+    if not os.path.isfile(path):
+        raise error(f"{directory} is not an mdt_jax {what}: {meta_file} is missing")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                    f"expected {fmt!r} (not a {what})")
+    if meta.get("format_version") != version:
+        raise error(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    return meta
+
+
+def orbax_writer(tree) -> Callable[[str], None]:
+    """A `write_dir_atomic` writer that saves `tree` (host copies) as an orbax pytree at its path."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    def write(path):
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(path, jax.tree.map(np.asarray, tree))
+        ckptr.wait_until_finished()
+    return write
+
+
+def orbax_read(path, error: type[Exception], what: str, *, check: Callable[[Any], None] | None = None,
+               target=None):
+    """Restore the orbax pytree at `path` as NumPy arrays.
+
+    `check(shapes)` first sees the stored layout (a tree of zero arrays) and may raise; `target`
+    (a tree of arrays) fixes the restored structure, else the stored one is used. Whatever orbax or
+    tensorstore raise on a missing, truncated or corrupt folder becomes `error` naming `path`.
+    """
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        stored = ckptr.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+        shapes = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(stored),
+                              is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        if check is not None:
+            check(shapes)
+        out = ckptr.restore(path, shapes if target is None else target)
+    except error:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types
+        raise error(f"{path} could not be read (corrupt or truncated {what}): "
+                    f"{type(e).__name__}: {str(e)[:300]}") from None
+    return jax.tree.map(np.asarray, out)

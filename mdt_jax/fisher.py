@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import sharding, subsets
+from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
 from mdt_jax.models.dt import DTConfig, Linear
 from mdt_jax.train import action_loss
@@ -348,10 +349,6 @@ def _check_values(tree, where: str) -> None:
 
 def save_fisher(directory, result: FisherResult, metadata: dict | None = None) -> str:
     """Atomically write one model's Fisher to `directory` (refused if it exists and is non-empty)."""
-    import orbax.checkpoint as ocp
-
-    from mdt_jax.fileio import write_dir_atomic, write_json_atomic
-
     directory = os.path.abspath(os.fspath(directory))
     if np.ndim(result.trace):
         raise FisherError(f"save_fisher: one model's Fisher only (trace has shape {np.shape(result.trace)}); "
@@ -365,35 +362,15 @@ def save_fisher(directory, result: FisherResult, metadata: dict | None = None) -
     except TypeError as e:
         raise FisherError(f"save_fisher: metadata is not JSON-serialisable: {e}") from None
 
-    def write_arrays(path):
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, jax.tree.map(np.asarray, result.fisher))
-        ckptr.wait_until_finished()
-
-    return write_dir_atomic(directory, {ARRAYS: write_arrays, META_FILE: lambda p: write_json_atomic(p, meta)})
+    return write_dir_atomic(directory, {ARRAYS: orbax_writer(result.fisher), META_FILE: lambda p: write_json_atomic(p, meta)})
 
 
 def load_fisher(directory) -> tuple[FisherResult, dict]:
     """(FisherResult, metadata) from a `save_fisher` folder; refuses anything that is not a
     complete Fisher artifact with finite, non-negative values (the error names the path)."""
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     path = os.path.join(directory, META_FILE)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no Fisher folder at {directory}")
-    if not os.path.isfile(path):
-        raise FisherError(f"{directory} is not a Fisher artifact: {META_FILE} is missing")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FisherError(f"{path} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FisherError(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                          f"expected {FORMAT!r} (not a Fisher artifact)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FisherError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, FisherError, "Fisher artifact")
     if meta.get("method") not in METHODS:
         raise FisherError(f"{path}: unknown method {meta.get('method')!r}")
     for k in ("trace", "mean"):
@@ -404,16 +381,7 @@ def load_fisher(directory) -> tuple[FisherResult, dict]:
         if not isinstance(meta.get(k), int) or meta[k] <= 0:
             raise FisherError(f"{path}: {k} must be a positive int, got {meta.get(k)!r}")
     adir = os.path.join(directory, ARRAYS)
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        stored = ckptr.metadata(adir)
-        stored = getattr(stored, "item_metadata", stored)
-        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(stored),
-                              is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        fisher = jax.tree.map(np.asarray, ckptr.restore(adir, target))
-    except Exception as e:  # orbax/tensorstore raise many types for missing, truncated or corrupt files
-        raise FisherError(f"{adir} could not be read (corrupt or incomplete Fisher artifact): "
-                          f"{type(e).__name__}: {str(e)[:300]}") from None
+    fisher = orbax_read(adir, FisherError, "Fisher artifact")
     _check_values(fisher, adir)
     result = FisherResult(fisher=fisher, trace=jnp.float32(meta["trace"]), mean=jnp.float32(meta["mean"]),
                           n_timesteps=jnp.int32(meta["n_timesteps"]), n_batches=meta["n_batches"],

@@ -23,9 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from mdt_jax.fileio import write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 
 FORMAT = "mdt_jax.policy"
 FORMAT_VERSION = 1
@@ -158,31 +157,13 @@ def save_policy(directory, params, cfg: PolicyConfig, metadata: dict | None = No
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "metadata": metadata or {}}
     json.dumps(meta)  # fail before writing anything if the metadata is not JSON
 
-    def write_params(path):
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, jax.tree.map(np.asarray, params))
-        ckptr.wait_until_finished()
-
-    return write_dir_atomic(directory, {"params": write_params, META_FILE: lambda p: write_json_atomic(p, meta)},
+    return write_dir_atomic(directory, {"params": orbax_writer(params), META_FILE: lambda p: write_json_atomic(p, meta)},
                             overwrite=overwrite)
 
 
 def read_policy_meta(directory) -> tuple[PolicyConfig, dict]:
-    directory = os.fspath(directory)
-    path = os.path.join(directory, META_FILE)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no policy folder at {directory}")
-    if not os.path.isfile(path):
-        raise PolicyError(f"{directory} is not a policy checkpoint: {META_FILE} is missing")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{path} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PolicyError(f"{path}: not a policy checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PolicyError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    path = os.path.join(os.fspath(directory), META_FILE)
+    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, PolicyError, "policy checkpoint")
     try:
         cfg = PolicyConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as e:
@@ -197,19 +178,8 @@ def load_policy(directory) -> tuple[PolicyConfig, dict, dict]:
     pdir = os.path.join(directory, "params")
     if not os.path.isdir(pdir):
         raise PolicyError(f"{directory}: params/ is missing (incomplete checkpoint)")
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        stored = ckptr.metadata(pdir)
-        stored = getattr(stored, "item_metadata", stored)
-        _check(cfg, jax.tree.map(lambda m: np.zeros(m.shape, np.float32), dict(stored),
-                                 is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype")), f"arrays in {pdir}")
-        target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), _shapes(cfg))
-        params = ckptr.restore(pdir, target)
-    except PolicyError:
-        raise
-    except Exception as e:
-        raise PolicyError(f"{pdir} could not be read (corrupt or truncated checkpoint): "
-                          f"{type(e).__name__}: {str(e)[:300]}") from None
-    params = jax.tree.map(np.asarray, params)
+    target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), _shapes(cfg))
+    params = orbax_read(pdir, PolicyError, "policy checkpoint", target=target,
+                        check=lambda stored: _check(cfg, stored, f"arrays in {pdir}"))
     _check(cfg, params, pdir)
     return cfg, params, metadata

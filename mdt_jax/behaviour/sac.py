@@ -31,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from mdt_jax import envs
 from mdt_jax.behaviour import policy as pol
-from mdt_jax.fileio import write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import orbax_read, orbax_writer, write_dir_atomic, write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,18 +196,15 @@ def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: 
 # The training loop (side effects: env stepping, checkpoints, logs).
 
 def _save_state(path: str, state: SACState, buf: dict, host: dict) -> None:
-    def write_arrays(p):
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(p, {"state": jax.tree.map(np.asarray, state._asdict()), "buffer": jax.tree.map(np.asarray, buf)})
-        ckptr.wait_until_finished()
-    write_dir_atomic(path, {"arrays": write_arrays, "host.json": lambda p: write_json_atomic(p, host)}, overwrite=True)
+    arrays = orbax_writer({"state": state._asdict(), "buffer": buf})
+    write_dir_atomic(path, {"arrays": arrays, "host.json": lambda p: write_json_atomic(p, host)}, overwrite=True)
 
 
 def _load_state(path: str, state: SACState, buf: dict):
     with open(os.path.join(path, "host.json")) as f:
         host = json.load(f)
     target = {"state": jax.tree.map(np.asarray, state._asdict()), "buffer": jax.tree.map(np.asarray, buf)}
-    got = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
+    got = orbax_read(os.path.join(path, "arrays"), ValueError, "behaviour trainer state", target=target)
     return SACState(**got["state"]), got["buffer"], host
 
 
