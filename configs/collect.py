@@ -5,8 +5,9 @@
 
 Writes WORKDIR/<task>-<quality>.hdf5 atomically (observations, actions, rewards, terminals,
 timeouts, next_observations, plus metadata). Deterministic given the seed; killed and run again,
-it resumes from the last finished wave. Qualities other than 'random' need the behaviour
-policies of the behaviour-policy issue, which are not in this build yet.
+it resumes from the last finished wave. Qualities: random (uniform actions), medium and expert
+(the committed SAC behaviour policies in mdt_jax/behaviour/policies, sampled stochastically),
+medium-expert (the two concatenated, as D4RL's, 2 x transitions).
 """
 import ml_collections
 
@@ -17,5 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.quality = "random"
     c.transitions = 1_000_000
     c.num_envs = 64
+    c.slot_steps = 4000  # per env slot and wave (a wave is the unit of resumption)
     c.seed = 0
     return c

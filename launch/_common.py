@@ -1,5 +1,11 @@
 """Shared edge code for the absl launchers: clear errors with a nonzero exit."""
+import os
 import sys
+
+# NumPy's BLAS threads spin between calls and starve MuJoCo's stepping threads: the batched
+# collector ran at a third of its speed with them (benchmarks/collect.py). One BLAS thread; set
+# before NumPy is first imported (the launchers import this module first).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from absl import flags, logging
 

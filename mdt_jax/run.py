@@ -197,7 +197,7 @@ QUALITIES = ("random", "medium", "expert", "medium-expert")
 
 
 def collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
-                    num_envs: int = 64) -> str:
+                    num_envs: int = 64, slot_steps: int = 4000) -> str:
     """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
 
     random: uniform actions in [-1, 1]. medium / expert: the committed behaviour policies
@@ -222,7 +222,7 @@ def collect_dataset(task: str, quality: str, transitions: int, path: str, *, see
     parent, name = os.path.split(os.path.abspath(path))
     if quality == "medium-expert":
         parts = [load_d4rl_hdf5(collect_dataset(task, q, transitions, os.path.join(parent, f"{task}-{q}.hdf5"),
-                                                seed=seed + i, num_envs=num_envs))
+                                                seed=seed + i, num_envs=num_envs, slot_steps=slot_steps))
                  for i, q in enumerate(("medium", "expert"))]
         meta = {"task": task, "quality": quality, "seed": seed, "transitions": 2 * transitions,
                 "parts": [p.metadata for p in parts],
@@ -243,7 +243,7 @@ def collect_dataset(task: str, quality: str, transitions: int, path: str, *, see
                  "policy_eval_return": pmeta.get("eval_return_mean")}
     waves = os.path.join(parent, f".{name}.waves")
     with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}-{quality}") as bar:
-        ds = collect(task, policy, transitions, num_envs=num_envs, seed=seed, progress=bar.update,
+        ds = collect(task, policy, transitions, num_envs=num_envs, seed=seed, progress=bar.update, slot_steps=slot_steps,
                      metadata=about | {"quality": quality}, wave_dir=waves)
     save_d4rl_hdf5(ds, path)
     shutil.rmtree(waves, ignore_errors=True)
@@ -271,7 +271,7 @@ def collect_from_config(config, workdir: str) -> str:
         raise ValueError(f"config.transitions: must be a positive int, got {config.transitions}")
     os.makedirs(workdir, exist_ok=True)
     return collect_dataset(config.task, config.quality, config.transitions, path, seed=config.seed,
-                           num_envs=config.num_envs)
+                           num_envs=config.num_envs, slot_steps=config.slot_steps)
 
 
 def quickstart(config, workdir: str) -> str:

@@ -35,7 +35,8 @@ def _kill_when(cmd, ready, timeout=120):
 
 def test_collection_killed_then_resumed_writes_the_same_bytes(tmp_path):
     args = [sys.executable, "-m", "launch.collect", "--config=configs/collect.py", "--config.task=hopper",
-            "--config.transitions=4000", "--config.num_envs=8", "--config.seed=3"]
+            "--config.transitions=4000", "--config.num_envs=8", "--config.seed=3",
+            "--config.slot_steps=100"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(args + [f"--workdir={full}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
     waves = killed / ".hopper-random.hdf5.waves"

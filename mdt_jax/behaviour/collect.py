@@ -1,7 +1,7 @@
 """Batched dataset collection on the native executor, in the D4RL layout.
 
-Episodes run in waves of `num_envs` environments stepped together in MuJoCo C; a wave ends when
-every episode in it has terminated or hit the time limit. Wave w draws everything from
+Episodes run in waves of `num_envs` environment slots stepped together in MuJoCo C; each slot runs
+episodes back to back until it has at least `slot_steps` steps (`run_wave`). Wave w draws everything from
 `default_rng([seed, w])`, so waves are independent of one another: `collect` can keep finished
 waves in a folder (`wave_dir`) and, killed and run again, resume from the last complete wave with
 the same result as an uninterrupted run. Each episode is stored contiguously, with `terminals`
@@ -19,6 +19,7 @@ from mdt_jax import envs
 from mdt_jax.data import OfflineDataset
 
 Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+SLOT_STEPS = 4000  # per slot and wave: the steps lost while a wave's last episodes end are < 1/4 of it
 FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
 
 
@@ -27,21 +28,40 @@ def uniform_policy(act_dim: int) -> Policy:
     return lambda obs, rng: rng.uniform(-1.0, 1.0, (obs.shape[0], act_dim))
 
 
-def run_wave(env: envs.NativeBatchEnv, policy: Policy, rng: np.random.Generator) -> list[dict]:
-    """One wave: every env from reset to its episode's end; returns the episodes in env order."""
+def run_wave(env: envs.NativeBatchEnv, policy: Policy, rng: np.random.Generator, slot_steps: int = 1000) -> list[dict]:
+    """One wave: each of the env's N slots runs episodes back to back (a finished one is reset at
+    once, `reset_where`) until it holds `slot_steps` steps, then finishes the episode it is in; the
+    wave ends when every slot is done. Returns the episodes slot by slot, in order.
+
+    So the batch stays full however short the episodes are (falling random hoppers last ~20
+    steps); the steps a finished slot takes while the others end are dropped.
+    """
+    n = env.num_envs
     obs = env.reset(rng)
-    done = np.zeros(env.num_envs, bool)
+    held = np.zeros(n, np.int64)     # steps in finished episodes, per slot
+    ep_len = np.zeros(n, np.int64)
+    active = np.ones(n, bool)
     steps = {k: [] for k in FIELDS + ("live",)}
-    while not done.all():
+    while active.any():
         act = np.clip(np.asarray(policy(obs, rng), np.float64), -1.0, 1.0)
         nxt, r, term, trunc, _ = env.step(act)
-        for k, v in zip(steps, (obs, act, r, term, trunc, nxt, ~done)):
+        for k, v in zip(steps, (obs, act, r, term, trunc, nxt, active.copy())):
             steps[k].append(v)
-        done |= term | trunc
-        obs = nxt
+        ep_len += 1
+        done = (term | trunc) & active
+        held += np.where(done, ep_len, 0)
+        ep_len[term | trunc] = 0
+        active &= ~(done & (held >= slot_steps))
+        obs = env.reset_where(done & active, rng) if (done & active).any() else nxt
     arr = {k: np.stack(v, 1) for k, v in steps.items()}  # (N, T, ...)
-    lens = arr.pop("live").sum(1)
-    return [{k: v[n, :lens[n]] for k, v in arr.items()} for n in range(env.num_envs)]
+    live = arr.pop("live")
+    episodes = []
+    for i in range(n):
+        rows = {k: v[i, live[i]] for k, v in arr.items()}
+        ends = np.flatnonzero(rows["terminals"] | rows["timeouts"]) + 1
+        for a, b in zip(np.r_[0, ends[:-1]], ends):
+            episodes.append({k: v[a:b] for k, v in rows.items()})
+    return episodes
 
 
 def _load_wave(path: str) -> list[dict]:
@@ -59,8 +79,9 @@ def _save_wave(path: str, episodes: list[dict]) -> None:
 
 def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, seed: int = 0,
             progress: Callable[[int], None] | None = None, metadata: dict | None = None,
-            wave_dir: str | None = None) -> OfflineDataset:
-    """Roll `policy(obs, rng) -> actions` out until `transitions` steps are gathered.
+            wave_dir: str | None = None, slot_steps: int = SLOT_STEPS) -> OfflineDataset:
+    """Roll `policy(obs, rng) -> actions` out until `transitions` steps are gathered, in waves of
+    `num_envs` slots x at least `slot_steps` steps (fewer when the request is smaller).
 
     With `wave_dir`, each finished wave is saved there (atomically) and reused on a rerun.
     """
@@ -72,14 +93,17 @@ def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, 
     env = envs.NativeBatchEnv(t, num_envs)
     if wave_dir:
         os.makedirs(wave_dir, exist_ok=True)
+    if not isinstance(slot_steps, int) or slot_steps <= 0:
+        raise ValueError(f"slot_steps must be a positive int, got {slot_steps!r}")
+    slot_steps = min(slot_steps, -(-transitions // num_envs))  # small requests: one short wave
     episodes: list[dict] = []
     have, wave = 0, 0
     while have < transitions:
-        path = os.path.join(wave_dir, f"wave_{wave:06d}.npz") if wave_dir else None
+        path = os.path.join(wave_dir, f"wave_{slot_steps}_{wave:06d}.npz") if wave_dir else None
         if path and os.path.exists(path):
             eps = _load_wave(path)
         else:
-            eps = run_wave(env, policy, np.random.default_rng([seed, wave]))
+            eps = run_wave(env, policy, np.random.default_rng([seed, wave]), slot_steps)
             if path:
                 _save_wave(path, eps)
         for ep in eps:
@@ -92,7 +116,8 @@ def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, 
         wave += 1
     returns = [float(ep["rewards"].sum()) for ep in episodes]
     data = {k: np.concatenate([ep[k] for ep in episodes])[:transitions] for k in FIELDS}
-    meta = {"task": t.name, "seed": seed, "transitions": transitions, "num_envs": num_envs, "episodes": len(returns),
+    meta = {"task": t.name, "seed": seed, "transitions": transitions, "num_envs": num_envs, "slot_steps": slot_steps,
+            "episodes": len(returns),
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "return_max": float(np.max(returns))} | (metadata or {})
     return OfflineDataset(**data, metadata=meta)

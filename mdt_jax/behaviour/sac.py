@@ -249,7 +249,7 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
 
     env = envs.NativeBatchEnv(t, cfg.num_envs, nthread=1)
     obs = env.reset(rng)
-    ep_t, ep_ret = np.zeros(cfg.num_envs, np.int64), np.zeros(cfg.num_envs)
+    ep_ret = np.zeros(cfg.num_envs)
     recent: list[float] = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     actor_np = jax.tree.map(np.asarray, state.actor)
@@ -262,24 +262,17 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
                 act = rng.uniform(-1.0, 1.0, (cfg.num_envs, t.act_dim))
             else:
                 act = acting(obs, rng)
-            nxt, r, term, _, _ = env.step(act)
+            nxt, r, term, trunc, _ = env.step(act)
             for k, v in zip(rows, (obs, act, r, nxt, term)):
                 rows[k].append(v)
-            ep_t += 1
             ep_ret += r
-            done = term | (ep_t >= t.max_episode_steps)
+            done = term | trunc
             obs = nxt
             if done.any():
                 recent += ep_ret[done].tolist()
                 host["episodes"] += int(done.sum())
-                qpos, qvel = env.state()
-                s = t.reset_noise_scale
-                n = int(done.sum())
-                qpos[done] = env.model.qpos0 + rng.uniform(-s, s, (n, qpos.shape[1]))
-                qvel[done] = (s * rng.standard_normal((n, qvel.shape[1])) if t.qvel_noise == "normal"
-                              else rng.uniform(-s, s, (n, qvel.shape[1])))
-                obs = env.set_state(qpos, qvel)
-                ep_t[done], ep_ret[done] = 0, 0.0
+                obs = env.reset_where(done, rng)
+                ep_ret[done] = 0.0
             host["env_steps"] += cfg.num_envs
         new = {k: np.concatenate(v) if k in ("obs", "act", "next_obs") else np.concatenate(v).astype(np.float32)
                for k, v in rows.items()}

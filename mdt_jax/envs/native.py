@@ -44,14 +44,32 @@ class NativeBatchEnv:
         seed, the state equals Gymnasium's `reset(seed=seed)`.
         """
         rng = np.random.default_rng(seed_or_rng)
-        t, shape = self.task, (self.num_envs,)
+        return self.set_state(*self._initial_state(rng, self.num_envs))
+
+    def reset_where(self, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Resets only the envs where `mask` (N,) is True, as `reset` would (reset noise drawn from
+        `rng` for those rows alone, their clocks restarted); the others carry on untouched.
+        Returns obs (N, obs_dim) for the whole batch."""
+        ids = np.flatnonzero(np.asarray(mask, bool))
+        if ids.size:
+            qpos, qvel = self._initial_state(rng, ids.size)
+            self._batch.reset(ids, stage=mujoco.mjtStage.mjSTAGE_NONE)
+            self._qpos[ids] = qpos
+            self._qvel[ids] = qvel
+            self._batch.forward(ids)
+            self._steps[ids] = 0
+        return observe(self.task, self._qpos, self._qvel)
+
+    def _initial_state(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gymnasium's reset noise for n envs: qpos0 + U(-s, s), qvel U(-s, s) or s * N(0, 1)."""
+        t = self.task
         s = t.reset_noise_scale
-        qpos = self.model.qpos0 + rng.uniform(-s, s, shape + self._qpos.shape[1:])
+        qpos = self.model.qpos0 + rng.uniform(-s, s, (n,) + self._qpos.shape[1:])
         if t.qvel_noise == "normal":
-            qvel = s * rng.standard_normal(shape + self._qvel.shape[1:])
+            qvel = s * rng.standard_normal((n,) + self._qvel.shape[1:])
         else:
-            qvel = rng.uniform(-s, s, shape + self._qvel.shape[1:])
-        return self.set_state(qpos, qvel)
+            qvel = rng.uniform(-s, s, (n,) + self._qvel.shape[1:])
+        return qpos, qvel
 
     def set_state(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Sets (N, nq) qpos and (N, nv) qvel as Gymnasium's `set_state` does (reset the rest of
