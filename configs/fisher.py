@@ -23,5 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 64         # the reference's f_batch_size
     c.subset = "blocks"       # parameter patterns/aliases (mdt_jax.subsets); the reference: the trunk blocks
     c.spec_info = False       # multi-task: only the checkpoint's own (finetuned) task
+    c.chunk_batches = 25      # batches per saved partial sum (WORKDIR.partial/): a killed run resumes there
     c.seed = 0
     return c

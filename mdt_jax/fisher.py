@@ -48,6 +48,7 @@ import functools
 import json
 import math
 import os
+import shutil
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -60,7 +61,7 @@ from mdt_jax import sharding, subsets
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
 from mdt_jax.models.dt import DTConfig, Linear
-from mdt_jax.train import action_loss
+from mdt_jax.train import action_loss, run_config_guard
 
 METHODS = ("faithful", "exact")
 DEFAULT_SUBSET = "blocks"
@@ -205,10 +206,11 @@ def _auto_chunk(batch_size: int, largest: int) -> int:
 
 
 def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, rng, method: str,
-                 sel: tuple[bool, ...], chunk: int | None, mesh=None) -> FisherResult:
-    """The Fisher over batches `get_batch(b)`, b < num_batches, in one lax.scan; batch b's dropout
-    key is `fold_in(rng, b)`. With a `mesh`, the batches are split across its devices
-    (`sharding.sum_split`)."""
+                 sel: tuple[bool, ...], chunk: int | None, mesh=None, offset=0, raw: bool = False):
+    """The Fisher over batches `get_batch(b)`, offset <= b < offset + num_batches, in one lax.scan;
+    batch b's dropout key is `fold_in(rng, b)`. With a `mesh`, the batches are split across its
+    devices (`sharding.sum_split`). `raw`: return the unnormalised sums instead, {"sums": [summed
+    squared gradients of the subset's leaves], "n": unmasked timesteps} (`finish_sums` ends them)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if len(sel) != len(flat):
         raise FisherError(f"subset: {len(sel)} mask leaves for {len(flat)} parameters")
@@ -227,6 +229,7 @@ def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, r
 
     def body(carry, b_valid):
         (acc, n), (b, valid) = carry, b_valid
+        b = b + offset
         batch = get_batch(b)
         sq = squares(batch, jax.random.fold_in(rng, b))
         keep = lambda x: jnp.where(valid, x, 0)  # padding batches of a split over devices add 0
@@ -237,12 +240,20 @@ def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, r
         return jax.lax.scan(body, init, (idx, valid))[0]
 
     acc, n = sharding.sum_split(sums, num_batches, mesh)
+    if raw:
+        return {"sums": acc, "n": n}
+    return finish_sums(params, sel, acc, n, num_batches, method)
+
+
+def finish_sums(params, sel: tuple[bool, ...], acc: list, n, num_batches: int, method: str) -> FisherResult:
+    """F = summed squares / unmasked timesteps, laid out like `params` (zeros outside `sel`)."""
+    flat, treedef = jax.tree_util.tree_flatten(params)
     F = [a / jnp.maximum(n, 1).astype(jnp.float32) for a in acc]
     trace = sum(jnp.sum(f) for f in F)
     it = iter(F)
-    fisher = treedef.unflatten([next(it) if keep else jnp.zeros_like(x, jnp.float32) for keep, x in zip(sel, leaves)])
-    return FisherResult(fisher=fisher, trace=trace, mean=trace / sum(x.size for x in sub), n_timesteps=n,
-                        n_batches=num_batches, method=method)
+    fisher = treedef.unflatten([next(it) if keep else jnp.zeros_like(x, jnp.float32) for keep, x in zip(sel, flat)])
+    return FisherResult(fisher=fisher, trace=trace, mean=trace / sum(x.size for x, k in zip(flat, sel) if k),
+                        n_timesteps=jnp.asarray(n, jnp.int32), n_batches=num_batches, method=method)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "sel", "chunk", "mesh"))
@@ -266,15 +277,17 @@ def fisher_from_batches(cfg: DTConfig, params, batches: dict, rng: jax.Array, *,
     return _from_batches(cfg, params, batches, rng, method, subset_selection(params, subset), chunk, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk", "mesh"))
-def _from_data(cfg, params, data, rng, task_id, num_batches, batch_size, method, sel, chunk, mesh=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk", "mesh",
+                                             "raw"))
+def _from_data(cfg, params, data, rng, task_id, num_batches, batch_size, method, sel, chunk, mesh=None, offset=0,
+               raw=False):
     data_key, drop_key = jax.random.split(rng)
 
     def get_batch(b):
         batch = sample_batch(data, jax.random.fold_in(data_key, b), batch_size)
         return batch if task_id is None else batch | {"task_id": jnp.full((batch_size,), task_id, jnp.int32)}
 
-    return _fisher_scan(cfg, params, get_batch, num_batches, drop_key, method, sel, chunk, mesh)
+    return _fisher_scan(cfg, params, get_batch, num_batches, drop_key, method, sel, chunk, mesh, offset, raw)
 
 
 def average_tasks(per_task: FisherResult) -> FisherResult:
@@ -411,6 +424,40 @@ def _task_data(path: str, state_dim: int, act_dim: int, stats: dict | None, cfg:
     return data.replace(state_mean=jnp.asarray(mean), state_std=jnp.asarray(std))
 
 
+def _chunked_fisher(cfg: DTConfig, params, data: SegmentData, rng, *, num_batches: int, batch_size: int,
+                    method: str, subset, task=None, partial_dir: str, chunk_batches: int) -> FisherResult:
+    """`compute_fisher`, resumable: the batches run in chunks of `chunk_batches`, each chunk's sums
+    saved (atomically) under `partial_dir` and reused on a rerun, then added in order. The result
+    is the same whether or not the run was interrupted (it differs from one `compute_fisher` call
+    only in the order of the float sums)."""
+    sel = subset_selection(params, subset)
+
+    def one_task(data, key, task_id, tag):
+        total = None
+        for c, first in enumerate(range(0, num_batches, chunk_batches)):
+            path = os.path.join(partial_dir, f"{tag}_batches_{first:06d}")
+            if os.path.isdir(path):
+                part = orbax_read(os.path.join(path, "sums"), FisherError, "partial Fisher")
+                part = {"sums": [part["sums"][str(i)] for i in range(len(part["sums"]))], "n": part["n"]}
+            else:
+                part = jax.device_get(_from_data(cfg, params, data, key, task_id, min(chunk_batches, num_batches - first),
+                                                 batch_size, method, sel, None, None, first, True))
+                write_dir_atomic(path, {"sums": orbax_writer({"sums": {str(i): a for i, a in enumerate(part["sums"])},
+                                                              "n": np.asarray(part["n"])})})
+            total = part if total is None else {"sums": [a + b for a, b in zip(total["sums"], part["sums"])],
+                                                "n": total["n"] + part["n"]}
+        return finish_sums(params, sel, total["sums"], total["n"], num_batches, method)
+
+    if not cfg.multi:
+        return one_task(data, rng, None, "model")
+    if task is not None:
+        t = cfg.task_index(task)
+        return one_task(pad_to(data, cfg.state_dim, cfg.act_dim), rng, jnp.int32(t), f"task{t}")
+    per_task = [one_task(jax.tree.map(lambda x: x[t], data), jax.random.fold_in(rng, t), jnp.int32(t), f"task{t}")
+                for t in range(len(cfg.tasks))]
+    return average_tasks(jax.tree.map(lambda *xs: jnp.stack(xs), *per_task))
+
+
 def fisher_from_config(config, workdir: str) -> str:
     """Run configs/fisher.py: the Fisher of a checkpoint on its dataset(s) -> `workdir` (fisher/ +
     fisher.json); returns a one-line summary."""
@@ -429,11 +476,17 @@ def fisher_from_config(config, workdir: str) -> str:
         raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise FileExistsError(f"{workdir} already exists and is not empty; use a new --workdir")
+    cb = config.get("chunk_batches", 25)
+    if not isinstance(cb, int) or cb <= 0:
+        raise ValueError(f"config.chunk_batches: must be a positive int, got {cb!r}")
     cfg, params, meta = checkpoint.load(config.checkpoint)
     rtg_scale = float(meta.get("rtg_scale", 1000.0))
     common = dict(num_batches=config.num_batches, batch_size=config.batch_size, method=config.method,
                   subset=config.subset or DEFAULT_SUBSET)
     rng = jax.random.key(config.seed)
+    partial = os.path.abspath(workdir).rstrip("/") + ".partial"
+    run_config_guard(partial, config.to_dict() | {"checkpoint": os.path.abspath(config.checkpoint)})
+    compute_fisher = functools.partial(_chunked_fisher, partial_dir=partial, chunk_batches=cb)
     if not cfg.multi or config.spec_info:
         task = meta.get("task")
         if cfg.multi and task not in cfg.task_names:
@@ -463,6 +516,7 @@ def fisher_from_config(config, workdir: str) -> str:
               "spec_info": bool(config.spec_info), "subset": common["subset"], "seed": int(config.seed),
               "batch_size": int(config.batch_size), "num_batches_per_task": int(config.num_batches)}
     out = save_fisher(workdir, result, record)
+    shutil.rmtree(partial, ignore_errors=True)
     return (f"{config.method} Fisher over {result.n_batches} batches x {config.batch_size} "
             f"({int(result.n_timesteps)} timesteps) on {','.join(map(str, tasks))}: "
             f"trace {float(result.trace):.6g}, mean {float(result.mean):.6g} -> {out}")

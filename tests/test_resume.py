@@ -71,3 +71,31 @@ def test_merge_sweep_killed_then_resumed_equals_uninterrupted(tmp_path):
         _, pa, _ = checkpoint.load(full / name)
         _, pb, _ = checkpoint.load(killed / name)
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+
+
+def test_fisher_killed_then_resumed_equals_uninterrupted(tmp_path):
+    from mdt_jax import fisher as F
+    from mdt_jax.data import save_d4rl_hdf5
+    from synth import make_dataset
+
+    cfg = DTConfig(state_dim=11, act_dim=3, hidden_size=32, n_layer=2, n_head=1, context_len=10, max_ep_len=100)
+    ds = make_dataset(n_traj=8)
+    stats = {"state_mean": ds.observations.mean(0).tolist(), "state_std": (ds.observations.std(0) + 1e-6).tolist()}
+    model = checkpoint.save(tmp_path / "model", jax.device_get(init_params(cfg, jax.random.key(0))), cfg,
+                            {"task": "hopper", "rtg_scale": 1000.0} | stats)
+    save_d4rl_hdf5(ds, str(tmp_path / "d.hdf5"))
+    args = [sys.executable, "-m", "launch.fisher", "--config=configs/fisher.py", f"--config.checkpoint={model}",
+            f"--config.dataset={tmp_path / 'd.hdf5'}", "--config.method=exact", "--config.num_batches=60",
+            "--config.batch_size=32", "--config.chunk_batches=3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(args + [f"--workdir={full}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    partial = tmp_path / "killed.partial"
+    chunks = lambda: [f for f in os.listdir(partial) if f.startswith("model_batches_")] if partial.exists() else []
+    assert _kill_when(args + [f"--workdir={killed}"], lambda: len(chunks()) >= 2)
+    assert not killed.exists() and 2 <= len(chunks()) < 20
+    subprocess.run(args + [f"--workdir={killed}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    assert not partial.exists() and not (tmp_path / "full.partial").exists()
+    (a, meta_a), (b, meta_b) = F.load_fisher(full), F.load_fisher(killed)
+    assert a.n_batches == b.n_batches == 60 and int(a.n_timesteps) == int(b.n_timesteps)
+    assert float(a.trace) == float(b.trace)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.fisher), jax.tree.leaves(b.fisher)))
