@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mdt_jax.behaviour.policy import load_policy
 from mdt_jax import checkpoint, evaluate as ev, merge as M
 from mdt_jax.data import OfflineDataset, UnsafePickleError, load_d4rl_hdf5, load_reference_pickle, save_d4rl_hdf5
 from mdt_jax.data import segment_data
@@ -101,6 +102,8 @@ LIBRARY = {
     "not a DT checkpoint": (lambda tmp: (os.makedirs(tmp / "junk"), checkpoint.load(tmp / "junk")), "not an mdt_jax"),
     "checkpoint over an existing one": (lambda tmp: [checkpoint.save(tmp / "c2", _params(), CFG) for _ in range(2)],
                                         "already exists"),
+    "corrupt policy checkpoint": (lambda tmp: (os.makedirs(tmp / "pol"), (tmp / "pol" / "policy.json").write_text("{x"),
+                                               load_policy(tmp / "pol")), "corrupt"),
     "NaN params not saved": (lambda tmp: checkpoint.save(tmp / "c3", jax.tree.map(lambda x: x * np.nan, _params()),
                                                          CFG), "non-finite"),
 }
@@ -137,6 +140,8 @@ def artifacts(tmp_path_factory):
     (tmp / "evalout" / "eval.json").write_text('{"keep": true}')
     (tmp / "mergeout").mkdir()
     (tmp / "mergeout" / "merge.json").write_text('{"keep": true}')
+    (tmp / "brun").mkdir()
+    (tmp / "brun" / "run.json").write_text('{"task": "walker2d", "seed": 0}')
     return tmp, ck
 
 
@@ -172,6 +177,18 @@ CLI = {
                                               f"--workdir={t / 'w2'}"], "p7"),
     "convert a missing file": (lambda t, ck: ["launch.convert", "--from=hf", f"--src={t / 'none'}",
                                               f"--out={t / 'w3'}"], "none"),
+    "collect an unknown quality": (lambda t, ck: ["launch.collect", "--config.quality=legendary",
+                                                  f"--workdir={t / 'w5'}"], "legendary"),
+    "behaviour: bad SAC override": (lambda t, ck: ["launch.train_behaviour", "--config.sac.batch_size=0",
+                                                   f"--workdir={t / 'w6'}"], "sac.batch_size"),
+    "behaviour: unknown task": (lambda t, ck: ["launch.train_behaviour", "--config.task=ant",
+                                               f"--workdir={t / 'w6'}"], "ant"),
+    "behaviour: workdir of another run": (lambda t, ck: ["launch.train_behaviour", "--config.env_steps=100",
+                                                         f"--workdir={t / 'brun'}"], "another config"),
+    "select behaviour without policies": (lambda t, ck: ["launch.select_behaviour", f"--workdir={t / 'run'}"],
+                                          "no behaviour policies"),
+    "select behaviour: bad medium range": (lambda t, ck: ["launch.select_behaviour", "--config.medium_min=0.7",
+                                                          f"--workdir={t / 'brun'}"], "medium_min"),
 }
 
 
