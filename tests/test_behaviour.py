@@ -124,3 +124,30 @@ def test_policy_checkpoint_refuses_bad_files(tmp_path):
     assert meta == {"note": "x"} and cfg == PCFG
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_collect_with_the_committed_policies(tmp_path):
+    """medium / expert data from the committed hopper policies: stochastic rollouts, same bytes for
+    the same seed, returns far above random's, medium-expert = the two concatenated."""
+    from mdt_jax.data import load_d4rl_hdf5
+    from mdt_jax.run import behaviour_policy_dir, collect_dataset
+
+    n = 3000
+    paths = {q: collect_dataset("hopper", q, n, str(tmp_path / f"hopper-{q}.hdf5"), seed=0, num_envs=8)
+             for q in ("random", "medium-expert")}  # medium-expert makes medium and expert beside it
+    data = {q: load_d4rl_hdf5(str(tmp_path / f"hopper-{q}.hdf5"))
+            for q in ("random", "medium", "expert", "medium-expert")}
+    assert all(len(d.rewards) == n for q, d in data.items() if q != "medium-expert")
+    assert len(data["medium-expert"].rewards) == 2 * n
+    np.testing.assert_array_equal(data["medium-expert"].observations,
+                                  np.concatenate([data["medium"].observations, data["expert"].observations]))
+    returns = {q: data[q].metadata["return_mean"] for q in ("random", "medium", "expert")}
+    assert 20 * returns["random"] < min(returns["medium"], returns["expert"]), returns
+    meta = data["expert"].metadata
+    assert meta["policy"] == "sac:hopper/expert" and meta["quality"] == "expert"
+    _, _, pmeta = pol.load_policy(behaviour_policy_dir("hopper", "expert"))
+    assert meta["policy_env_steps"] == pmeta["env_steps"]
+    again = collect_dataset("hopper", "expert", n, str(tmp_path / "again.hdf5"), seed=1, num_envs=8)
+    assert open(again, "rb").read() == open(tmp_path / "hopper-expert.hdf5", "rb").read()
+    acts = data["expert"].actions
+    assert np.all(np.abs(acts) <= 1) and len(np.unique(acts[:, 0])) > 0.9 * n  # sampled, not tanh(mean)

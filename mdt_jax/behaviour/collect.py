@@ -110,9 +110,9 @@ def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, 
             if have >= transitions:
                 break
             episodes.append(ep)
-            have += len(ep["rewards"])
             if progress is not None:
-                progress(len(ep["rewards"]))
+                progress(min(len(ep["rewards"]), transitions - have))
+            have += len(ep["rewards"])
         wave += 1
     returns = [float(ep["rewards"].sum()) for ep in episodes]
     data = {k: np.concatenate([ep[k] for ep in episodes])[:transitions] for k in FIELDS}
