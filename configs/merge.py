@@ -36,5 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ties_lams = "1"
     c.dare_ps = "0.1,0.3,0.5"
     c.seed = 0
-    c.eval = ml_collections.ConfigDict(dict(episodes=10, max_steps=1000, executor="auto"))
+    c.eval_inputs = True      # also evaluate the models merged (P1 unmerged, P2/P3 finetunes and base)
+    # own_task: a single-task model only on its own task (else on every task its dims fit)
+    c.eval = ml_collections.ConfigDict(dict(episodes=10, max_steps=1000, executor="auto", own_task=False))
     return c

@@ -1,32 +1,61 @@
-"""The quickstart: the whole pipeline on generated data, in a few minutes on a 2-core CPU.
+"""The quickstart: the paper's whole study at toy scale, in about 8 minutes on an idle 2-core CPU.
 
     python -m launch.reproduce --config=configs/quickstart.py --workdir=runs/quickstart
 
-For each task it collects a uniform-random-policy dataset with the native MuJoCo executor
-(cached), trains a small single-task DT on it (resumable), evaluates the DT with batched
-closed-loop rollouts, and writes results.json and results.md. Random-policy data is what a fresh
-machine can make without trained behaviour policies; expect DT returns near the data's.
+Collects a dataset per task (quality `data.quality`, default uniform-random actions, made with
+the native MuJoCo executor), trains small single-task DTs from independent inits, from a common
+init and at a larger size, a multi-task DT and its per-task finetunes; computes Fishers; runs P1
+(average / Fisher, attn+mlp and all block params), P2 and the P3 grids; evaluates every model
+with batched rollouts next to a uniform-random policy; writes WORKDIR/results.json (rows and the
+claims C1..C6 decided from the numbers), results.md and results_*.png. Every stage is cached, so
+the same command run again only rewrites the results. Two seeds, small models and random-action
+data: expect most claims to come out `null` (within noise) at this scale; `configs/paper.py:cpu`
+is the trustworthy run.
 """
 import ml_collections
 
+from configs import fisher as fisher_cfg
+from configs import merge as merge_cfg
 from configs import train as train_cfg
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.tasks = "hopper,halfcheetah,walker2d"
-    c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_envs=64))
-    t = train_cfg.get_config()
-    t.num_steps = 600
+    c.seeds = "0,1"               # comma-separated; every stage runs per seed, rows are pooled
+    c.compile_cache = True        # XLA's persistent cache in WORKDIR/jax_cache (unless one is set already)
+    c.data = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_envs=64, seed=0))
+    t = train_cfg.get_config()    # the single-task DTs (and, via overrides, every other training run)
+    t.num_steps = 500
     t.steps_per_call = 100
-    t.checkpoint_every = 300
+    t.checkpoint_every = 500
     t.log_every = 100
-    t.model.hidden_size = 64
+    t.model.hidden_size = 32
     t.model.n_layer = 2
+    t.model.context_len = 10
     t.train.batch_size = 32
     t.train.learning_rate = 1e-3
     t.train.warmup_steps = 100
     c.train = t
-    c.eval = ml_collections.ConfigDict(dict(episodes=10, max_steps=1000, executor="auto"))
+    # the capacity comparison (C3): the common-init set again with these model overrides; {} skips it
+    c.large = ml_collections.ConfigDict(dict(hidden_size=64))
+    # the multi-task DT (shared trunk, per-task heads) and its per-task finetunes (ln_f and the
+    # timestep embedding frozen, init_reg 1e-4 on the blocks, as the paper's P2)
+    c.multi = ml_collections.ConfigDict(dict(
+        model=dict(hidden_size=64, n_head=2, activation="gelu_new"), num_steps=500, batch_size=32,
+        finetune_steps=200, finetune_train=dict(learning_rate=3e-4)))
+    # P1's second step: the merged attn+mlp frozen, the rest finetuned per task (0 skips it)
+    c.p1_finetune = ml_collections.ConfigDict(dict(num_steps=0))
+    c.fisher = fisher_cfg.get_config()
+    c.fisher.num_batches = 10
+    c.fisher.batch_size = 32
+    c.merge = merge_cfg.get_config()  # P3 grids; pipeline, checkpoints and eval are set per stage
+    c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
+    c.merge.ta_lams = "0.5,1"
+    c.merge.ties_ks = "0.2,0.5"
+    c.merge.dare_ps = "0.3"
+    c.eval = ml_collections.ConfigDict(dict(episodes=5, max_steps=1000, executor="auto"))
+    # a claim is decided (true/false) when the difference of mean normalized scores exceeds both
+    # 2 standard errors and this many normalized points; otherwise it is null
+    c.claims_min_effect = 0.5
     return c

@@ -34,7 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 100
     c.rtg_scale = 1000.0
     c.mesh_devices = 0  # data-parallel devices: 0 = as many as divide the batch (all, across hosts), 1 = one
-    c.init_from = ""  # a DT checkpoint whose params start training (e.g. a common init)
+    c.init_from = ""  # a DT checkpoint whose params start training (e.g. a P1 merge to finetune)
+    # the seed of the parameter init (-1: from `seed`). Models that share it share the init of every
+    # same-shaped param (the trunk blocks, ln_f, the timestep embedding), whatever their task: the
+    # paper's "common init", while `seed` still sets each run's data order and dropout.
+    c.init_seed = -1
     c.model = model_config()
     c.train = train_config()
     return c

@@ -11,7 +11,7 @@ import numpy as np
 from mdt_jax import checkpoint, sharding
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
-from mdt_jax.train import TrainConfig, default_sampler, fit, run_config_guard
+from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, run_config_guard
 
 
 def _plain(c) -> dict:
@@ -82,7 +82,12 @@ def train_from_config(config, workdir: str) -> str:
         raise ValueError(f"config.rtg_scale: must be > 0, got {config.rtg_scale!r}")
     tcfg = train_config(config.train)
     init_cfg = params = init_meta = None
+    init_seed = config.get("init_seed", -1)
+    if not isinstance(init_seed, int) or init_seed < -1:
+        raise ValueError(f"config.init_seed: must be an int >= 0 (or -1: from config.seed), got {init_seed!r}")
     if config.init_from:
+        if init_seed >= 0:
+            raise ValueError("config.init_seed: cannot be combined with config.init_from (the params come from it)")
         init_cfg, params, init_meta = checkpoint.load(config.init_from)
     sample = None
     if init_cfg is not None and init_cfg.multi and len(tasks) == 1:  # finetune a multi-task model on one task
@@ -119,13 +124,15 @@ def train_from_config(config, workdir: str) -> str:
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
         print(f"already trained: {model_dir}")
         return model_dir
+    if init_seed >= 0:
+        params = init_params_for_seed(cfg, init_seed)
     rows = jax.eval_shape(sample or default_sampler(cfg, tcfg), data, jax.random.key(0))["mask"].shape[0]
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every, sample=sample, desc=f"train {config.task}",
                 mesh=sharding.mesh_for(rows, config.get("mesh_devices", 0)))
     meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
-             "seed": int(config.seed), "train": _plain(config.train)}
+             "seed": int(config.seed), "init_seed": int(init_seed), "train": _plain(config.train)}
     params = jax.device_get(state.params)
     if jax.process_index() == 0:  # across hosts, process 0 writes the model and the others wait
         model_dir = checkpoint.save(model_dir, params, cfg, meta)
@@ -274,42 +281,6 @@ def collect_from_config(config, workdir: str) -> str:
                            num_envs=config.num_envs, slot_steps=config.slot_steps)
 
 
-def quickstart(config, workdir: str) -> str:
-    """configs/quickstart.py: collect -> train -> evaluate per task; writes results.{json,md}."""
-    from mdt_jax import envs, evaluate as ev
-    from mdt_jax.data import load_d4rl_hdf5
-
-    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise ValueError("config.tasks: no tasks")
-    for t in tasks:
-        envs.get_task(t)
-    rows = []
-    for task in tasks:
-        path = collect_dataset(task, config.data.quality, config.data.transitions,
-                               os.path.join(workdir, "data", f"{task}-{config.data.quality}.hdf5"),
-                               seed=config.seed, num_envs=config.data.num_envs)
-        tc = config.train.copy_and_resolve_references()
-        with tc.unlocked():
-            tc.task, tc.dataset, tc.seed = task, path, config.seed
-        model_dir = train_from_config(tc, os.path.join(workdir, f"dt_{task}"))
-        cfg, params, meta = checkpoint.load(model_dir)
-        stats = {task: ev.stats_from_metadata(meta)}
-        res = ev.evaluate(cfg, params, [task], stats, episodes=config.eval.episodes,
-                          max_steps=config.eval.max_steps, seed=config.seed, executor=config.eval.executor)[0]
-        data_meta = load_d4rl_hdf5(path).metadata
-        behaviour = data_meta["return_mean"]
-        rows.append(res.summary() | {"model": "dt", "dataset": os.path.basename(path),
-                                     "behaviour_return": behaviour,
-                                     "behaviour_normalized": float(envs.normalized_score(task, behaviour))})
-    write_json_atomic(os.path.join(workdir, "results.json"), {"rows": rows})
-    table = results_table(rows, keys=("task", "model", "episodes", "return_mean", "return_std", "return_over_target",
-                                      "normalized", "behaviour_return", "behaviour_normalized"))
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    return table
-
-
 def _floats(value) -> list[float]:
     try:
         return [float(v) for v in split_list(value)]
@@ -348,8 +319,11 @@ def _evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None
     if cfg.multi:
         tasks = list(cfg.task_names)
         stats = {t: ev.stats_from_metadata(meta, t) for t in tasks}
+    elif config.eval.get("own_task", False):
+        tasks = [meta["task"]]
     else:
         tasks = [t for t in envs.TASKS if task_dims(t) == (cfg.state_dim, cfg.act_dim)]
+    if not cfg.multi:
         own = ev.stats_from_metadata(meta)
         stats = {t: ev.TaskStats(own.state_mean, own.state_std, envs.target_return(t), own.rtg_scale) for t in tasks}
     results = ev.evaluate(cfg, params, tasks, stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
@@ -403,8 +377,9 @@ def merge_from_config(config, workdir: str) -> str:
             out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
             rows += _stage(workdir, f"eval_p1_{name}", lambda: _evaluate_rows(
                 cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
-            rows += _stage(workdir, f"eval_unmerged_{name}", lambda: _evaluate_rows(
-                cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"}))
+            if config.eval_inputs:
+                rows += _stage(workdir, f"eval_unmerged_{name}", lambda: _evaluate_rows(
+                    cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"}))
     else:
         cfgs = {c for c, _, _ in loaded}
         if len(cfgs) != 1 or not next(iter(cfgs)).multi:
@@ -425,7 +400,7 @@ def merge_from_config(config, workdir: str) -> str:
         out = _save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
         rows += _stage(workdir, "eval_p2", lambda: _evaluate_rows(
             cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
-        for t, p in zip(cfg.task_names, order):
+        for t, p in zip(cfg.task_names, order if config.eval_inputs else ()):
             rows += _stage(workdir, f"eval_finetune_{t}", lambda: _evaluate_rows(
                 cfg, p, meta, config, extra={"model": f"finetune_{t}"}))
         if config.pipeline == "p3":
@@ -434,7 +409,9 @@ def merge_from_config(config, workdir: str) -> str:
             base_cfg, pre, _ = checkpoint.load(config.base)
             if base_cfg != cfg:
                 raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
-            rows += _stage(workdir, "eval_pre", lambda: _evaluate_rows(cfg, pre, meta, config, extra={"model": "pre"}))
+            if config.eval_inputs:
+                rows += _stage(workdir, "eval_pre", lambda: _evaluate_rows(cfg, pre, meta, config,
+                                                                           extra={"model": "pre"}))
             grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
                                     ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
                                     ties_lams=_floats(config.ties_lams), dare_ps=_floats(config.dare_ps),

@@ -109,6 +109,13 @@ def init_state(cfg: DTConfig, tcfg: TrainConfig, rng: jax.Array, params=None, **
                       rng=jax.random.key_data(run_key), hparams=hp, anchor=anchor)
 
 
+def init_params_for_seed(cfg: DTConfig, seed: int) -> dict:
+    """The params `init_state(cfg, tcfg, jax.random.key(seed))` starts from. Flax draws each module's
+    init from the key and its path, so two configs given the same seed share every same-shaped param
+    (a common init for DTs of tasks with different state/action dims)."""
+    return init_params(cfg, jax.random.split(jax.random.key(seed))[0])
+
+
 def _safe_norm(x):
     """||x||_2 with gradient 0 (not NaN) at x = 0, like torch's norm backward."""
     sq = jnp.sum(jnp.square(x))

@@ -1,0 +1,55 @@
+"""The paper's study at its own scale (accelerators), or a CPU-sized run (`:cpu`, an hour or so).
+
+    # accelerator scale: single-task DTs H128 L3 K20, 100k steps; multi-task DT H512 L3 4 heads gelu_new
+    python -m launch.reproduce --config=configs/paper.py --workdir=runs/paper
+    # 2-core CPU, an estimated hour (idle machine): more steps, episodes and seeds than the quickstart
+    python -m launch.reproduce --config=configs/paper.py:cpu --workdir=runs/paper_cpu
+
+Same stages as configs/quickstart.py (see mdt_jax/reproduce.py). The paper trained on D4RL's
+medium/expert data; `data.quality` passes through to `run.collect_dataset` ("random" until the
+behaviour-policy datasets are the default: override with --config.data.quality=medium).
+Larger capacity (claim C3) is H256 against H128 here, both from a common init.
+"""
+import ml_collections
+
+from configs import quickstart
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "cpu"):
+        raise ValueError(f"configs/paper.py: unknown variant {arg!r}; use configs/paper.py or configs/paper.py:cpu")
+    c = quickstart.get_config()
+    c.seeds = "0,1,2"
+    c.data.transitions = 1_000_000
+    t = c.train
+    t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 100_000, 500, 5_000, 500
+    t.model.hidden_size, t.model.n_layer, t.model.n_head, t.model.context_len = 128, 3, 1, 20
+    t.train.batch_size, t.train.learning_rate, t.train.warmup_steps = 64, 1e-4, 10_000
+    c.large = ml_collections.ConfigDict(dict(hidden_size=256))
+    c.multi = ml_collections.ConfigDict(dict(
+        model=dict(hidden_size=512, n_layer=3, n_head=4, activation="gelu_new"), num_steps=100_000, batch_size=64,
+        finetune_steps=10_000, finetune_train=dict(learning_rate=1e-4, warmup_steps=1_000)))
+    c.p1_finetune = ml_collections.ConfigDict(dict(num_steps=10_000))
+    c.fisher.num_batches, c.fisher.batch_size = 100, 64
+    c.merge.lerp_ps = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
+    c.merge.ta_lams = "0.25,0.5,0.75,1"
+    c.merge.ties_ks = "0.1,0.2,0.5"
+    c.merge.dare_ps = "0.1,0.3,0.5"
+    c.eval = ml_collections.ConfigDict(dict(episodes=50, max_steps=1000, executor="auto"))
+    c.claims_min_effect = 1.0
+    if arg == "cpu":
+        c.seeds = "0,1"
+        c.data.transitions = 100_000
+        t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 2_000, 250, 1_000, 250
+        t.model.hidden_size, t.model.n_layer, t.model.context_len = 64, 2, 20
+        t.train.batch_size, t.train.learning_rate, t.train.warmup_steps = 64, 1e-3, 300
+        c.large.hidden_size = 128
+        c.multi.model = dict(hidden_size=128, n_layer=2, n_head=2, activation="gelu_new")
+        c.multi.num_steps, c.multi.finetune_steps = 2_000, 500
+        c.multi.finetune_train = dict(learning_rate=3e-4, warmup_steps=50)
+        c.p1_finetune.num_steps = 500
+        c.fisher.num_batches = 50
+        c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
+        c.eval = ml_collections.ConfigDict(dict(episodes=20, max_steps=1000, executor="auto"))
+        c.claims_min_effect = 0.5
+    return c

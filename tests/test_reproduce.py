@@ -1,0 +1,177 @@
+"""The main job (mdt_jax.reproduce) end to end at tiny scale: schema, figures, cache hits, sanity."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from mdt_jax import checkpoint, reproduce as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_FIELDS = {"pipeline", "model", "method", "task", "return_mean", "return_std", "normalized", "episodes", "seeds"}
+
+
+def tiny_config(tasks="hopper,walker2d"):
+    c = quickstart.get_config()
+    c.tasks, c.seeds = tasks, "0"
+    c.data.transitions, c.data.num_envs = 2000, 16
+    t = c.train
+    t.num_steps, t.steps_per_call, t.checkpoint_every = 20, 10, 20
+    t.model.hidden_size, t.model.n_layer, t.model.context_len = 16, 1, 5
+    t.train.batch_size, t.train.warmup_steps = 16, 10
+    c.large.hidden_size = 24
+    c.multi.model.hidden_size, c.multi.model.n_head = 24, 2
+    c.multi.num_steps, c.multi.batch_size, c.multi.finetune_steps = 20, 16, 10
+    c.p1_finetune.num_steps = 10
+    c.fisher.num_batches, c.fisher.batch_size = 2, 16
+    c.merge.lerp_ps, c.merge.ta_lams, c.merge.ties_ks, c.merge.dare_ps = "0,1", "1", "0.5", "0.3"
+    c.eval.episodes, c.eval.max_steps = 2, 50
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("repro") / "run")
+    t0 = time.perf_counter()
+    table = R.reproduce(tiny_config(), workdir)
+    return workdir, table, time.perf_counter() - t0
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_schema_tables_and_figures(tiny_run):
+    workdir, table, _ = tiny_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        res = json.load(f)
+    rows = res["rows"]
+    assert rows and all(ROW_FIELDS <= set(r) for r in rows)
+    for r in rows:
+        assert r["task"] in ("hopper", "walker2d") and r["episodes"] == 2 and r["seeds"] == [0]
+        assert np.isfinite([r["return_mean"], r["return_std"], r["normalized"]]).all()
+    got = {(r["pipeline"], r["method"]) for r in rows}
+    want = {("baseline", "uniform"), ("single", "unmerged"), ("p1", "average"), ("p1", "fisher"),
+            ("p1", "average+finetune"), ("multi", "pre"), ("multi", "finetuned"), ("p2", "average"),
+            ("p2", "fisher"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
+    assert want <= got, want - got
+    assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_large"}
+    assert {r.get("subset") for r in rows if r["pipeline"] == "p1"} == {"attn+mlp", "blocks"}
+    # every (model, method, task) appears once, and every model on every task
+    keys = [R._key(r) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert set(res["claims"]) == {f"C{i}" for i in range(1, 7)}
+    for c in res["claims"].values():
+        assert c["supported"] in (True, False, None) and isinstance(c["evidence"], str) and c["evidence"].strip()
+    assert "not run" not in res["claims"]["C3"]["evidence"]
+    with open(os.path.join(workdir, "results.md")) as f:
+        md = f.read()
+    assert md.strip() == table.strip() and "| random policy |" in md and "| C6 |" in md
+    for name in ("results_bars.png", "results_lerp.png"):
+        path = os.path.join(workdir, name)
+        assert _is_png(path) and os.path.getsize(path) > 5000
+        import matplotlib.image
+        assert matplotlib.image.imread(path).ndim == 3
+
+
+def test_common_init_shares_the_trunk_and_merges_are_finite(tiny_run):
+    workdir, _, _ = tiny_run
+    sdir = os.path.join(workdir, "seed_0")
+    trunk = lambda p: {k: v for k, v in p.items() if k.startswith("block_") or k == "ln_f"}
+    common = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model"))[1] for t in ("hopper", "walker2d")]
+    init = lambda t, s: checkpoint.load(os.path.join(sdir, f"dt_{s}_{t}", "model"))[2]["init_seed"]
+    assert init("hopper", "common") == init("walker2d", "common") != init("walker2d", "independent")
+    assert init("hopper", "independent") != init("walker2d", "independent")
+    # one init seed gives one trunk init across tasks of different dims ...
+    from mdt_jax.train import init_params_for_seed
+    cfgs = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model"))[0] for t in ("hopper", "walker2d")]
+    a, b = (trunk(init_params_for_seed(c, init("hopper", "common"))) for c in cfgs)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    # ... and trained apart, the common-init trunks stay closer than the independent ones
+    dist = lambda a, b: sum(float(np.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(trunk(a)),
+                                                                         jax.tree.leaves(trunk(b))))
+    indep = [checkpoint.load(os.path.join(sdir, f"dt_independent_{t}", "model"))[1] for t in ("hopper", "walker2d")]
+    assert dist(*common) < 0.5 * dist(*indep)
+    merged_dirs = [os.path.join(d, m) for d in sorted(os.listdir(sdir)) if d.startswith(("p1_", "p2_", "p3"))
+                   for m in os.listdir(os.path.join(sdir, d)) if m.startswith(("merged", "p3_"))]
+    assert len(merged_dirs) >= 7 * 2 + 1 + 4
+    for rel in merged_dirs:
+        params = checkpoint.load(os.path.join(sdir, rel))[1]
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), rel
+    # every evaluated model's actions were finite at every step (the evaluator counts the others)
+    with open(os.path.join(workdir, "results.json")) as f:
+        rows = json.load(f)["per_seed_rows"]
+    assert rows and all(r["nan_action_steps"] == 0 and np.isfinite(r["return_mean"]) for r in rows)
+    # independent-init P1 merging really changed the attn+mlp (the rows are not the unmerged ones again)
+    a = checkpoint.load(os.path.join(sdir, "p1_independent_average_attn+mlp", "merged_hopper"))[1]
+    assert not np.allclose(a["block_0"]["mlp"]["c_fc"]["kernel"], indep[0]["block_0"]["mlp"]["c_fc"]["kernel"])
+    np.testing.assert_array_equal(a["block_0"]["ln_1"]["scale"], indep[0]["block_0"]["ln_1"]["scale"])
+
+
+def test_rerun_is_a_cache_hit(tiny_run):
+    workdir, table, first = tiny_run
+    with open(os.path.join(workdir, "results.json"), "rb") as f:
+        before = f.read()
+    t0 = time.perf_counter()
+    again = R.reproduce(tiny_config(), workdir)
+    took = time.perf_counter() - t0
+    assert took < max(15.0, 0.25 * first), (took, first)
+    assert again == table
+    with open(os.path.join(workdir, "results.json"), "rb") as f:
+        assert f.read() == before
+    other = tiny_config()
+    other.train.num_steps = 30
+    with pytest.raises(FileExistsError, match="different run"):
+        R.reproduce(other, workdir)
+
+
+def test_claims_follow_the_numbers():
+    def rows(pipeline, model, method, scores, std=1.0, subset=None):
+        return [{"pipeline": pipeline, "model": model, "method": method, "subset": subset, "task": t,
+                 "normalized": s, "normalized_std": std, "episodes": 100} for t, s in zip(("hopper", "walker2d"), scores)]
+    base = rows("baseline", "random", "uniform", [1, 1]) + rows("multi", "mt", "pre", [20, 20])
+    good = base + rows("p1", "dt_common", "average", [30, 30], subset="attn+mlp") + \
+        rows("p1", "dt_independent", "average", [5, 5], subset="attn+mlp") + \
+        rows("p2", "mt_finetunes", "average", [19.9, 20.1])
+    c = R.claims(good, ["hopper", "walker2d"], min_effect=0.5)
+    assert c["C1"]["supported"] is True and c["C2"]["supported"] is True
+    assert c["C6"]["supported"] is None and c["C3"]["supported"] is None and "not run" in c["C3"]["evidence"]
+    bad = base + rows("p1", "dt_common", "average", [0, 0], subset="attn+mlp") + \
+        rows("p1", "dt_independent", "average", [5, 5], subset="attn+mlp")
+    c = R.claims(bad, ["hopper", "walker2d"])
+    assert c["C1"]["supported"] is False and c["C2"]["supported"] is False
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "launch.reproduce", "--config=configs/quickstart.py",
+                        "--config.tasks=hopper,foo", f"--workdir={tmp_path / 'x'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and "config.tasks: unknown task 'foo'" in r.stderr
+
+
+def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
+    """Trained on uniform-random data, a DT still beats the uniform-random policy on hopper: its
+    actions regress towards the data's mean (near 0), which keeps the hopper upright for longer
+    and collects the healthy reward, where random actions topple it in ~20 steps."""
+    from mdt_jax import evaluate as ev
+    from mdt_jax.run import collect_dataset, train_from_config
+    from configs import train as train_cfg
+
+    path = collect_dataset("hopper", "random", 5000, str(tmp_path / "hopper-random.hdf5"), seed=0, num_envs=16)
+    c = train_cfg.get_config()
+    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", path, 200, 100, 200
+    c.model.hidden_size, c.model.n_layer, c.model.context_len = 32, 1, 10
+    c.train.batch_size, c.train.learning_rate, c.train.warmup_steps = 32, 1e-3, 20
+    cfg, params, meta = checkpoint.load(train_from_config(c, str(tmp_path / "dt")))
+    E = 20
+    dt = ev.evaluate(cfg, params, ["hopper"], {"hopper": ev.stats_from_metadata(meta)}, episodes=E,
+                     max_steps=300, seed=1)[0].returns[0]
+    rnd = R.random_policy_rows(["hopper"], episodes=E, max_steps=300, seed=1)[0]
+    se = np.hypot(dt.std(), rnd["return_std"]) / np.sqrt(E)
+    assert dt.mean() > rnd["return_mean"] + 3 * se, (dt.mean(), rnd["return_mean"], se)
