@@ -407,11 +407,12 @@ def load_fisher(directory) -> tuple[FisherResult, dict]:
 def _task_data(path: str, state_dim: int, act_dim: int, stats: dict | None, cfg: DTConfig, rtg_scale: float,
                what: str) -> SegmentData:
     """One task's SegmentData normalised with the checkpoint's own stats (not the dataset's)."""
+    from mdt_jax.behaviour.datasets import resolve_dataset
     from mdt_jax.data import load_dataset, segment_data
 
     if not stats or "state_mean" not in stats or "state_std" not in stats:
         raise ValueError(f"config.checkpoint: its metadata has no state_mean/state_std for {what}")
-    ds = load_dataset(path)
+    ds = load_dataset(resolve_dataset(path))
     got = (ds.observations.shape[1], ds.actions.shape[1])
     if got != (state_dim, act_dim):
         raise ValueError(f"config.dataset: {path} has (state_dim, act_dim) = {got}, but the model's {what} "

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import checkpoint, sharding
+from mdt_jax.behaviour.datasets import (POLICIES_DIR, QUALITIES, behaviour_policy_dir,  # noqa: F401
+                                       collect_dataset, resolve_dataset)
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
 from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, run_config_guard
@@ -43,7 +45,7 @@ def _load_task_data(task: str, dataset: str, cfg_k: int, max_ep_len: int, rtg_sc
     from mdt_jax.data import load_dataset, segment_data
 
     state_dim, act_dim = task_dims(task)
-    ds = load_dataset(dataset)
+    ds = load_dataset(resolve_dataset(dataset))
     got = (ds.observations.shape[1], ds.actions.shape[1])
     if got != (state_dim, act_dim):
         raise ValueError(f"config.dataset: {dataset} has (state_dim, act_dim) = {got}, but task "
@@ -198,72 +200,6 @@ def evaluate_from_config(config, workdir: str) -> str:
     nan = sum(r["nan_action_steps"] for r in rows)
     warn = f"\nwarning: {nan} steps had non-finite actions (replaced by 0)" if nan else ""
     return results_table(rows) + warn
-
-
-QUALITIES = ("random", "medium", "expert", "medium-expert")
-
-
-def collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
-                    num_envs: int = 64, slot_steps: int = 4000) -> str:
-    """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
-
-    random: uniform actions in [-1, 1]. medium / expert: the committed behaviour policies
-    (`mdt_jax/behaviour/policies/<task>/<quality>`), sampled stochastically as D4RL's data was.
-    medium-expert: the medium and the expert datasets of `transitions` each, concatenated (as
-    D4RL's), made beside `path` (and reused) when missing. Finished waves are kept beside the
-    target (`.<name>.waves/`) until the file is written, so a killed run resumes where it stopped
-    and writes the same bytes.
-    """
-    import shutil
-
-    from tqdm import tqdm
-
-    from mdt_jax.behaviour import policy as pol
-    from mdt_jax.behaviour.collect import collect, uniform_policy
-    from mdt_jax.data import OfflineDataset, load_d4rl_hdf5, save_d4rl_hdf5
-
-    if quality not in QUALITIES:
-        raise ValueError(f"config.quality: unknown {quality!r}; choose one of {QUALITIES}")
-    if os.path.exists(path):
-        return path
-    parent, name = os.path.split(os.path.abspath(path))
-    if quality == "medium-expert":
-        parts = [load_d4rl_hdf5(collect_dataset(task, q, transitions, os.path.join(parent, f"{task}-{q}.hdf5"),
-                                                seed=seed + i, num_envs=num_envs, slot_steps=slot_steps))
-                 for i, q in enumerate(("medium", "expert"))]
-        meta = {"task": task, "quality": quality, "seed": seed, "transitions": 2 * transitions,
-                "parts": [p.metadata for p in parts],
-                "return_mean": float(np.mean([p.metadata["return_mean"] for p in parts]))}
-        fields = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
-        save_d4rl_hdf5(OfflineDataset(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields},
-                                      metadata=meta), path)
-        return path
-    if quality == "random":
-        policy, about = uniform_policy(task_dims(task)[1]), {"policy": "uniform_random"}
-    else:
-        pdir = behaviour_policy_dir(task, quality)
-        pcfg, params, pmeta = pol.load_policy(pdir)
-        if pcfg.task != task:
-            raise ValueError(f"{pdir}: a policy for {pcfg.task!r}, not {task!r}")
-        policy = pol.numpy_policy(params)
-        about = {"policy": f"sac:{task}/{quality}", "policy_env_steps": pmeta.get("env_steps"),
-                 "policy_eval_return": pmeta.get("eval_return_mean")}
-    waves = os.path.join(parent, f".{name}.waves")
-    with tqdm(total=transitions, unit="transition", unit_scale=True, desc=f"collect {task}-{quality}") as bar:
-        ds = collect(task, policy, transitions, num_envs=num_envs, seed=seed, progress=bar.update, slot_steps=slot_steps,
-                     metadata=about | {"quality": quality}, wave_dir=waves)
-    save_d4rl_hdf5(ds, path)
-    shutil.rmtree(waves, ignore_errors=True)
-    return path
-
-
-def behaviour_policy_dir(task: str, quality: str) -> str:
-    """The committed behaviour policy for (task, quality), shipped inside the package."""
-    d = os.path.join(os.path.dirname(__file__), "behaviour", "policies", task, quality)
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"no committed {quality!r} behaviour policy for {task!r} (looked in {d}); "
-                                "train one with launch.train_behaviour and pick it with launch.select_behaviour")
-    return d
 
 
 def collect_from_config(config, workdir: str) -> str:
@@ -469,7 +405,7 @@ def select_behaviour_from_config(config, workdir: str) -> str:
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     if not steps:
         raise FileNotFoundError(f"{root}: no step_* checkpoints")
-    out = config.out or os.path.join(os.path.dirname(__file__), "behaviour", "policies", task)
+    out = config.out or os.path.join(POLICIES_DIR, task)
     if not config.overwrite:
         for q in ("expert", "medium"):
             if os.path.exists(os.path.join(out, q)):

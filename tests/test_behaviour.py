@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mdt_jax import checkpoint
 from mdt_jax.behaviour import policy as pol
 from mdt_jax.behaviour import sac
 
@@ -151,3 +152,24 @@ def test_collect_with_the_committed_policies(tmp_path):
     assert open(again, "rb").read() == open(tmp_path / "hopper-expert.hdf5", "rb").read()
     acts = data["expert"].actions
     assert np.all(np.abs(acts) <= 1) and len(np.unique(acts[:, 0])) > 0.9 * n  # sampled, not tanh(mean)
+
+
+def test_generated_dataset_spec_is_made_once_and_cached(tmp_path, monkeypatch):
+    from configs import train as train_config
+    from mdt_jax.run import train_from_config
+
+    monkeypatch.setenv("MDT_JAX_DATA", str(tmp_path / "cache"))
+    c = train_config.get_config()
+    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", "generated:hopper-medium@2000", 2, 2, 2
+    c.model.hidden_size, c.model.n_layer, c.model.context_len, c.train.batch_size = 16, 1, 5, 8
+    train_from_config(c, str(tmp_path / "run"))
+    made = tmp_path / "cache" / "hopper-medium-2000.hdf5"
+    stamp = made.stat().st_mtime_ns
+    c.seed = 1
+    train_from_config(c, str(tmp_path / "run2"))
+    assert made.stat().st_mtime_ns == stamp  # reused, not made again
+    _, _, meta = checkpoint.load(tmp_path / "run2" / "model")
+    assert meta["dataset"] == "generated:hopper-medium@2000"
+    with pytest.raises(ValueError, match="legendary"):
+        c.dataset = "generated:hopper-legendary"
+        train_from_config(c, str(tmp_path / "run3"))
