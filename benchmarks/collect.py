@@ -38,8 +38,8 @@ def make_policy(task: str, quality: str, policy_dir: str = ""):
     if quality == "random" and not policy_dir:
         return uniform_policy(envs.get_task(task).act_dim)
     from mdt_jax.run import behaviour_policy_dir
-    _, params, _ = pol.load_policy(policy_dir or behaviour_policy_dir(task, quality))
-    return pol.numpy_policy(params)
+    cfg, params, _ = pol.load_policy(policy_dir or behaviour_policy_dir(task, quality))
+    return pol.numpy_policy(params, std=cfg.std)
 
 
 def peer_rate(task: str, policy, steps: int, seed: int = 0) -> float:

@@ -2,7 +2,8 @@
 from launch._common import config_app, run_app
 
 main = config_app("configs/behaviour.py", "mdt_jax.run.train_behaviour_from_config",
-                  "Run folder: policies/, state/ (resumable), metrics.jsonl.")
+                  "Run folder: policies/, metrics.jsonl, and state/ (backend native, resumable) "
+                  "or brax/ (backend brax: Brax's own checkpoints).")
 
 if __name__ == "__main__":
     run_app(main)

@@ -367,16 +367,34 @@ def merge_from_config(config, workdir: str) -> str:
                                      "return_over_target", "normalized"))
 
 
+def behaviour_backend(backend: str) -> str:
+    """The trainer ("native" or "brax") for configs/behaviour.py's `backend`; "auto": brax on a GPU or TPU."""
+    if backend == "auto":
+        return "brax" if jax.default_backend() in ("gpu", "tpu") else "native"
+    if backend not in ("native", "brax"):
+        raise ValueError(f"config.backend: unknown {backend!r}; choose native, brax or auto")
+    return backend
+
+
 def train_behaviour_from_config(config, workdir: str) -> str:
-    """Run configs/behaviour.py: SAC on the native executor (see mdt_jax.behaviour.sac)."""
+    """Run configs/behaviour.py: SAC on the native executor (mdt_jax.behaviour.sac) or Brax's SAC
+    on MJX (mdt_jax.behaviour.brax_sac), by `config.backend`."""
     import shlex
     import sys
 
+    backend = behaviour_backend(config.backend)
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "launch.train_behaviour"]
+                       + sys.argv[1:])
+    if backend == "brax":
+        from mdt_jax.behaviour import brax_sac
+
+        return brax_sac.train(config.task, workdir, env_steps=int(config.env_steps),
+                              cfg=brax_sac.BraxSACConfig(**_plain(config.brax)), seed=int(config.seed),
+                              save_every=int(config.save_every), eval_episodes=int(config.eval_episodes),
+                              command=command, log=lambda s: print(s, flush=True))
     from mdt_jax.behaviour import sac
 
     cfg = sac.SACConfig(**_plain(config.sac))
-    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "launch.train_behaviour"]
-                       + sys.argv[1:])
     return sac.train(config.task, workdir, env_steps=int(config.env_steps), cfg=cfg, seed=int(config.seed),
                      save_every=int(config.save_every), eval_every=int(config.eval_every),
                      eval_episodes=int(config.eval_episodes), stop_return=float(config.stop_return),
@@ -415,7 +433,7 @@ def select_behaviour_from_config(config, workdir: str) -> str:
         cfg, params, meta = pol.load_policy(os.path.join(root, s))
         if cfg.task != task:
             raise ValueError(f"{root}/{s}: a policy for {cfg.task!r}, not {task!r}")
-        r = evaluate_policy(task, params, config.episodes, seed=config.seed)
+        r = evaluate_policy(task, params, config.episodes, seed=config.seed, std=cfg.std)
         scores[s] = (float(r.mean()), float(r.std()))
         print(f"{task} {s}: {scores[s][0]:9.1f} ± {scores[s][1]:7.1f}", flush=True)
     expert = max(scores, key=lambda s: scores[s][0])
@@ -428,7 +446,7 @@ def select_behaviour_from_config(config, workdir: str) -> str:
     summary = {}
     for q, s in (("expert", expert), ("medium", medium)):
         cfg, params, meta = pol.load_policy(os.path.join(root, s))
-        stoch = evaluate_policy(task, params, config.episodes, seed=config.seed, deterministic=False)
+        stoch = evaluate_policy(task, params, config.episodes, seed=config.seed, deterministic=False, std=cfg.std)
         sel = {"checkpoint": s, "episodes": int(config.episodes), "eval_seed": int(config.seed),
                "return_mean": scores[s][0], "return_std": scores[s][1],
                "stochastic_return_mean": float(stoch.mean()), "stochastic_return_std": float(stoch.std()),

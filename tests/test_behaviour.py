@@ -173,3 +173,76 @@ def test_generated_dataset_spec_is_made_once_and_cached(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="legendary"):
         c.dataset = "generated:hopper-legendary"
         train_from_config(c, str(tmp_path / "run3"))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_brax_sac_actor_converts_to_ours(normalize):
+    """Brax's SAC actor (random init; with its observation normalizer folded in or not) and the
+    converted one give the same distribution parameters, mode, sample and log-prob, in JAX and NumPy."""
+    from brax.training.acme import running_statistics
+    from brax.training.agents.sac import networks as sac_networks
+
+    from mdt_jax.behaviour import brax_sac
+
+    prep = running_statistics.normalize if normalize else (lambda x, y: x)
+    net = sac_networks.make_sac_networks(11, 3, preprocess_observations_fn=prep, hidden_layer_sizes=(32, 24))
+    params = net.policy_network.init(jax.random.key(0))
+    # an output bias spreads the raw std over softplus's curved and linear parts
+    params["params"]["hidden_2"]["bias"] = jnp.linspace(-3.0, 3.0, 6)
+    r = np.random.default_rng(0)
+    normalizer = None
+    if normalize:
+        normalizer = running_statistics.init_state(jax.ShapeDtypeStruct((11,), jnp.float32)).replace(
+            mean=jnp.asarray(r.standard_normal(11), jnp.float32), std=jnp.asarray(r.uniform(0.2, 3.0, 11), jnp.float32))
+    obs = (3 * r.standard_normal((9, 11))).astype(np.float32)
+    logits = net.policy_network.apply(normalizer, params, obs)
+    dist = net.parametric_action_distribution
+    loc, scale = dist.create_dist(logits).loc, dist.create_dist(logits).scale
+
+    cfg, ours = brax_sac.from_brax(params, "hopper", normalizer)
+    assert cfg == pol.PolicyConfig("hopper", 11, 3, (32, 24), std="softplus")
+    mean, log_std = pol.actor(cfg).apply({"params": ours}, obs)
+    np_mean, np_log_std = pol.numpy_forward(ours, obs, cfg.std)
+    for m, ls in ((mean, log_std), (np_mean, np_log_std)):
+        np.testing.assert_allclose(m, loc, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.exp(ls), scale, rtol=1e-4, atol=1e-6)
+    det, _ = pol.sample_action(cfg, ours, obs, None, deterministic=True)
+    np.testing.assert_allclose(det, dist.mode(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pol.numpy_policy(ours, True, cfg.std)(obs, None), dist.mode(logits), rtol=1e-5, atol=1e-5)
+    key = jax.random.key(5)  # the same key draws the same noise in both
+    a, logp = pol.sample_action(cfg, ours, obs, key)
+    np.testing.assert_allclose(a, dist.sample(logits, key), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logp, dist.log_prob(logits, dist.sample_no_postprocessing(logits, key)), rtol=1e-4,
+                               atol=1e-3)
+    # the exp parameterization is a different distribution: the check above can fail
+    assert not np.allclose(np.exp(pol.numpy_forward(ours, obs, "exp")[1]), scale, rtol=1e-2)
+    with pytest.raises(ValueError, match="halfcheetah needs 17"):
+        brax_sac.from_brax(params, "halfcheetah", normalizer)
+
+
+def test_policy_json_without_std_loads_as_exp(tmp_path):
+    params = jax.tree.map(np.asarray, pol.init_actor(PCFG, jax.random.key(0)))
+    d = pol.save_policy(tmp_path / "p", params, PCFG)
+    meta = json.load(open(os.path.join(d, pol.META_FILE)))
+    assert meta["config"].pop("std") == "exp"  # written now; older files lack it
+    json.dump(meta, open(os.path.join(d, pol.META_FILE), "w"))
+    cfg, _, _ = pol.load_policy(d)
+    assert cfg.std == "exp" and cfg == PCFG
+    from mdt_jax.behaviour.datasets import POLICIES_DIR
+
+    for q in ("expert", "medium"):  # the committed policies were saved before the field
+        assert pol.read_policy_meta(os.path.join(POLICIES_DIR, "hopper", q))[0].std == "exp"
+    with pytest.raises(ValueError, match="PolicyConfig.std"):
+        pol.PolicyConfig("hopper", 11, 3, std="log")
+    softplus = pol.PolicyConfig("hopper", 11, 3, (32, 32), std="softplus")
+    d2 = pol.save_policy(tmp_path / "s", params, softplus)
+    assert pol.load_policy(d2)[0].std == "softplus"
+
+
+def test_behaviour_backend_choice():
+    from mdt_jax.run import behaviour_backend
+
+    assert behaviour_backend("native") == "native" and behaviour_backend("brax") == "brax"
+    assert behaviour_backend("auto") == ("brax" if jax.default_backend() in ("gpu", "tpu") else "native")
+    with pytest.raises(ValueError, match="config.backend: unknown 'mjx'"):
+        behaviour_backend("mjx")

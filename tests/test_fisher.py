@@ -272,16 +272,16 @@ def test_cli_multi_task_chunked_sums_equal_one_pass(tmp_path):
     base = _save_multi(tmp_path, mcfg, params)
     ft = _save_multi(tmp_path, mcfg, params, "walker2d", "ft_walker2d")
     runs = {}
-    for name, ck, ds, spec, cb in (("all_1", base, ",".join(paths_), False, 1), ("all_9", base, ",".join(paths_), False, 9),
-                                   ("spec_2", ft, paths_[1], True, 2), ("spec_9", ft, paths_[1], True, 9)):
+    for name, ck, ds, spec, cb in (("all_2", base, ",".join(paths_), False, 2), ("all_9", base, ",".join(paths_), False, 9),
+                                   ("spec_2", ft, paths_[1], True, 2)):
         c = fisher_config.get_config()
         c.checkpoint, c.dataset, c.spec_info, c.num_batches, c.batch_size, c.chunk_batches = ck, ds, spec, 5, 8, cb
         F.fisher_from_config(c, str(tmp_path / name))
         runs[name] = F.load_fisher(tmp_path / name)[0]
         assert not (tmp_path / f"{name}.partial").exists()
-    for a, b in (("all_1", "all_9"), ("spec_2", "spec_9")):
+    for a, b in (("all_2", "all_9"),):
         assert runs[a].n_batches == runs[b].n_batches and int(runs[a].n_timesteps) == int(runs[b].n_timesteps)
         np.testing.assert_allclose(runs[a].trace, runs[b].trace, rtol=1e-5)
         for x, y in zip(jax.tree.leaves(runs[a].fisher), jax.tree.leaves(runs[b].fisher)):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-12)
-    assert runs["all_1"].n_batches == 10 and runs["spec_2"].n_batches == 5
+    assert runs["all_2"].n_batches == 10 and runs["spec_2"].n_batches == 5

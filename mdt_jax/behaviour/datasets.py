@@ -82,7 +82,7 @@ def collect_dataset(task: str, quality: str, transitions: int, path: str, *, see
         pcfg, params, pmeta = pol.load_policy(pdir)
         if pcfg.task != task:
             raise ValueError(f"{pdir}: a policy for {pcfg.task!r}, not {task!r}")
-        policy = pol.numpy_policy(params)
+        policy = pol.numpy_policy(params, std=pcfg.std)
         about = {"policy": f"sac:{task}/{quality}", "policy_env_steps": pmeta.get("env_steps"),
                  "policy_eval_return": pmeta.get("eval_return_mean")}
     waves = os.path.join(parent, f".{name}.waves")

@@ -8,6 +8,11 @@ A policy checkpoint is a folder::
 written atomically like DT checkpoints. The metadata records how it was made (command, seed,
 steps, wall time) and its measured returns.
 
+The actor's output is (mean, s), each act_dim wide; `PolicyConfig.std` says how s becomes the
+Gaussian's std: "exp" (our SAC trainer's, the default, and what a policy.json without the field
+means): std = exp(clip(s, -5, 2)); "softplus" (Brax's `NormalTanhDistribution`, for policies
+converted by `brax_sac.from_brax`): std = softplus(s) + 0.001.
+
 The same actor runs in two places: in JAX inside the trainer's jitted update, and in NumPy
 (`numpy_policy`) in the collection loop, where one batch of a few dozen rows costs microseconds
 and a jitted dispatch would cost more than the maths. Both compute the same function (tested).
@@ -30,6 +35,8 @@ FORMAT = "mdt_jax.policy"
 FORMAT_VERSION = 1
 META_FILE = "policy.json"
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+STD_KINDS = ("exp", "softplus")
+SOFTPLUS_MIN_STD = 0.001  # Brax's NormalTanhDistribution min_std
 
 
 class PolicyError(ValueError):
@@ -42,6 +49,7 @@ class PolicyConfig:
     obs_dim: int
     act_dim: int
     hidden: tuple[int, ...] = (256, 256)
+    std: str = "exp"  # how the actor's second half becomes the std (STD_KINDS; see the module doc)
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -51,6 +59,8 @@ class PolicyConfig:
                 raise ValueError(f"PolicyConfig.{name} must be a positive int, got {v!r}")
         if not self.hidden or min(self.hidden) <= 0:
             raise ValueError(f"PolicyConfig.hidden must be positive layer widths, got {self.hidden!r}")
+        if self.std not in STD_KINDS:
+            raise ValueError(f"PolicyConfig.std must be one of {STD_KINDS}, got {self.std!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"hidden": list(self.hidden)}
@@ -76,20 +86,31 @@ class MLP(nn.Module):
         return nn.Dense(self.out, name="out")(x)
 
 
+def log_std_of(s, std: str, xp=jnp):
+    """The log std from the actor's second output half `s`, by the `PolicyConfig.std` kind, in
+    `xp` (jax.numpy or numpy: the same formula in both)."""
+    if std == "exp":
+        return xp.clip(s, LOG_STD_MIN, LOG_STD_MAX)
+    if std == "softplus":
+        return xp.log(xp.logaddexp(s, 0.0) + SOFTPLUS_MIN_STD)
+    raise ValueError(f"PolicyConfig.std must be one of {STD_KINDS}, got {std!r}")
+
+
 class Actor(nn.Module):
     """obs -> (mean, log_std) of a Gaussian whose sample is squashed by tanh into [-1, 1]."""
     hidden: Sequence[int]
     act_dim: int
+    std: str = "exp"
 
     @nn.compact
     def __call__(self, obs):
         out = MLP(self.hidden, 2 * self.act_dim, name="mlp")(obs)
-        mean, log_std = jnp.split(out, 2, axis=-1)
-        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+        mean, s = jnp.split(out, 2, axis=-1)
+        return mean, log_std_of(s, self.std)
 
 
 def actor(cfg: PolicyConfig) -> Actor:
-    return Actor(cfg.hidden, cfg.act_dim)
+    return Actor(cfg.hidden, cfg.act_dim, cfg.std)
 
 
 def init_actor(cfg: PolicyConfig, rng: jax.Array) -> dict:
@@ -109,25 +130,27 @@ def sample_action(cfg: PolicyConfig, params, obs, rng, deterministic: bool = Fal
     return jnp.tanh(u), logp
 
 
-def numpy_forward(params, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The actor in float32 NumPy: (mean, log_std) for obs (N, obs_dim)."""
+def numpy_forward(params, obs: np.ndarray, std: str = "exp") -> tuple[np.ndarray, np.ndarray]:
+    """The actor in float32 NumPy: (mean, log_std) for obs (N, obs_dim); `std` is the config's."""
     mlp = params["mlp"]
     x = np.asarray(obs, np.float32)
     n = len([k for k in mlp if k.startswith("dense_")])
     for i in range(n):
         x = np.maximum(x @ mlp[f"dense_{i}"]["kernel"] + mlp[f"dense_{i}"]["bias"], 0)
     out = x @ mlp["out"]["kernel"] + mlp["out"]["bias"]
-    mean, log_std = np.split(out, 2, axis=-1)
-    return mean, np.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+    mean, s = np.split(out, 2, axis=-1)
+    return mean, log_std_of(s, std, np).astype(np.float32)
 
 
-def numpy_policy(params, deterministic: bool = False) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+def numpy_policy(params, deterministic: bool = False,
+                 std: str = "exp") -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
     """`policy(obs, rng) -> actions` for `collect`: a tanh-Gaussian sample (as D4RL's data was
-    collected), or tanh(mean) with `deterministic`."""
+    collected), or tanh(mean) with `deterministic`; `std` is the policy config's."""
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    log_std_of(np.zeros(1, np.float32), std, np)  # an unknown kind fails here, not at the first step
 
     def policy(obs, rng):
-        mean, log_std = numpy_forward(params, obs)
+        mean, log_std = numpy_forward(params, obs, std)
         if deterministic:
             return np.tanh(mean)
         return np.tanh(mean + np.exp(log_std) * rng.standard_normal(mean.shape).astype(np.float32))

@@ -178,10 +178,12 @@ def train_chunk(pcfg: pol.PolicyConfig, cfg: SACConfig, num_updates: int, state:
     return state, buf, jax.tree.map(jnp.mean, metrics)
 
 
-def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: bool = True) -> np.ndarray:
-    """Returns of `episodes` episodes of the actor, run together on the native executor."""
+def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: bool = True,
+                    std: str = "exp") -> np.ndarray:
+    """Returns of `episodes` episodes of the actor (`std`: its config's), run together on the
+    native executor."""
     env = envs.NativeBatchEnv(task, episodes, nthread=1)
-    act = pol.numpy_policy(params, deterministic)
+    act = pol.numpy_policy(params, deterministic, std)
     rng = np.random.default_rng(seed)
     obs = env.reset(rng)
     ret, done = np.zeros(episodes), np.zeros(episodes, bool)
