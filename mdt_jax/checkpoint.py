@@ -12,6 +12,7 @@ dtype against the config before anything is restored.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import orbax_writer, read_config_artifact, read_params_dir, write_dir_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig, param_shapes
 
 FORMAT = "mdt_jax.dt"
@@ -58,6 +59,13 @@ def _json_safe(obj):
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
 
 
+def _check_loaded(cfg: DTConfig, params, where: str) -> None:
+    check_params(cfg, params, what=where)
+    for path, leaf in tree_paths(params).items():
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise CheckpointError(f"{where}: non-finite values at {path}")
+
+
 def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict | None = None, *,
          overwrite: bool = False) -> str:
     """Atomically write params + config (+ JSON metadata) to `directory`. Returns the path."""
@@ -76,28 +84,14 @@ def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict 
 
 def read_meta(directory: str | os.PathLike) -> tuple[DTConfig, dict]:
     """Validate `DIR/mdt.json` and return (config, metadata) without touching any array."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, META_FILE)
-    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, CheckpointError, "DT checkpoint")
-    try:
-        cfg = DTConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad config: {e}") from None
-    return cfg, meta.get("metadata") or {}
+    return read_config_artifact(directory, META_FILE, FORMAT, FORMAT_VERSION, CheckpointError, "DT checkpoint",
+                                DTConfig.from_dict)
 
 
 def load(directory: str | os.PathLike) -> tuple[DTConfig, dict, dict]:
     """Return (config, params, metadata). Shapes are checked against the config before restoring."""
     directory = os.path.abspath(os.fspath(directory))
     cfg, metadata = read_meta(directory)
-    pdir = os.path.join(directory, "params")
-    if not os.path.isdir(pdir):
-        raise CheckpointError(f"{directory}: params/ is missing (incomplete checkpoint)")
-    target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), param_shapes(cfg))
-    params = orbax_read(pdir, CheckpointError, "checkpoint", target=target,
-                        check=lambda stored: check_params(cfg, stored, what=f"arrays stored in {pdir}"))
-    params = jax.tree.map(np.asarray, params)
-    for path, leaf in tree_paths(params).items():
-        if not np.all(np.isfinite(leaf)):
-            raise CheckpointError(f"{pdir}: non-finite values at {path}")
+    params = read_params_dir(directory, CheckpointError, "DT checkpoint", param_shapes(cfg), functools.partial(
+        _check_loaded, cfg))
     return cfg, params, metadata

@@ -142,3 +142,30 @@ def orbax_read(path, error: type[Exception], what: str, *, check: Callable[[Any]
         raise error(f"{path} could not be read (corrupt or truncated {what}): "
                     f"{type(e).__name__}: {str(e)[:300]}") from None
     return jax.tree.map(np.asarray, out)
+
+
+def read_config_artifact(directory, meta_file: str, fmt: str, version: int, error: type[Exception], what: str,
+                         from_dict: Callable[[Any], Any]) -> tuple[Any, dict]:
+    """(config, metadata) of a model-like artifact whose header holds {"config": ..., "metadata": ...};
+    the config is rebuilt by `from_dict`, whose TypeError/ValueError becomes `error`."""
+    meta = read_header(directory, meta_file, fmt, version, error, what)
+    try:
+        cfg = from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise error(f"{os.path.join(os.fspath(directory), meta_file)}: bad config: {e}") from None
+    return cfg, meta.get("metadata") or {}
+
+
+def read_params_dir(directory, error: type[Exception], what: str, shapes, check: Callable[[Any, str], None]):
+    """The orbax pytree in `directory/params`, restored into the layout of `shapes` (a tree of
+    ShapeDtypeStructs); `check(tree, where)` vets the stored layout first and the values after."""
+    import jax
+    import numpy as np
+
+    pdir = os.path.join(os.fspath(directory), "params")
+    if not os.path.isdir(pdir):
+        raise error(f"{directory}: params/ is missing (incomplete {what})")
+    target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
+    params = orbax_read(pdir, error, what, target=target, check=lambda stored: check(stored, f"arrays stored in {pdir}"))
+    check(params, pdir)
+    return params

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import orbax_writer, read_config_artifact, read_params_dir, write_dir_atomic, write_json_atomic
 
 FORMAT = "mdt_jax.policy"
 FORMAT_VERSION = 1
@@ -185,24 +185,14 @@ def save_policy(directory, params, cfg: PolicyConfig, metadata: dict | None = No
 
 
 def read_policy_meta(directory) -> tuple[PolicyConfig, dict]:
-    path = os.path.join(os.fspath(directory), META_FILE)
-    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, PolicyError, "policy checkpoint")
-    try:
-        cfg = PolicyConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError) as e:
-        raise PolicyError(f"{path}: bad config: {e}") from None
-    return cfg, meta.get("metadata") or {}
+    return read_config_artifact(directory, META_FILE, FORMAT, FORMAT_VERSION, PolicyError, "policy checkpoint",
+                                PolicyConfig.from_dict)
 
 
 def load_policy(directory) -> tuple[PolicyConfig, dict, dict]:
     """(config, params, metadata); shapes are checked against the config before restoring."""
     directory = os.path.abspath(os.fspath(directory))
     cfg, metadata = read_policy_meta(directory)
-    pdir = os.path.join(directory, "params")
-    if not os.path.isdir(pdir):
-        raise PolicyError(f"{directory}: params/ is missing (incomplete checkpoint)")
-    target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), _shapes(cfg))
-    params = orbax_read(pdir, PolicyError, "policy checkpoint", target=target,
-                        check=lambda stored: _check(cfg, stored, f"arrays in {pdir}"))
-    _check(cfg, params, pdir)
+    params = read_params_dir(directory, PolicyError, "policy checkpoint", _shapes(cfg),
+                             lambda tree, where: _check(cfg, tree, where))
     return cfg, params, metadata
