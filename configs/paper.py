@@ -6,8 +6,8 @@
     python -m launch.reproduce --config=configs/paper.py:cpu --workdir=runs/paper_cpu
 
 Same stages as configs/quickstart.py (see mdt_jax/reproduce.py). The paper trained on D4RL's
-medium/expert data; `data.quality` passes through to `run.collect_dataset` ("random" until the
-behaviour-policy datasets are the default: override with --config.data.quality=medium).
+medium/expert data; `data.quality` (default "medium", from the quickstart) passes through to
+`collect_dataset`: medium, expert or medium-expert from the committed behaviour policies.
 Larger capacity (claim C3) is H256 against H128 here, both from a common init.
 """
 import ml_collections

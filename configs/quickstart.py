@@ -2,15 +2,15 @@
 
     python -m launch.reproduce --config=configs/quickstart.py --workdir=runs/quickstart
 
-Collects a dataset per task (quality `data.quality`, default uniform-random actions, made with
-the native MuJoCo executor), trains small single-task DTs from independent inits, from a common
+Collects a dataset per task (quality `data.quality`, default "medium": the committed SAC
+behaviour policies, sampled, with the native MuJoCo executor; "random" needs no policy), trains small single-task DTs from independent inits, from a common
 init and at a larger size, a multi-task DT and its per-task finetunes; computes Fishers; runs P1
 (average / Fisher, attn+mlp and all block params), P2 and the P3 grids; evaluates every model
 with batched rollouts next to a uniform-random policy; writes WORKDIR/results.json (rows and the
 claims C1..C6 decided from the numbers), results.md and results_*.png. Every stage is cached, so
-the same command run again only rewrites the results. Two seeds, small models and random-action
-data: expect most claims to come out `null` (within noise) at this scale; `configs/paper.py:cpu`
-is the trustworthy run.
+the same command run again only rewrites the results. Two seeds, small models and 500 training
+steps: expect several claims to come out `null` (within noise) at this scale;
+`configs/paper.py:cpu` is the trustworthy run.
 """
 import ml_collections
 
@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tasks = "hopper,halfcheetah,walker2d"
     c.seeds = "0,1"               # comma-separated; every stage runs per seed, rows are pooled
     c.compile_cache = True        # XLA's persistent cache in WORKDIR/jax_cache (unless one is set already)
-    c.data = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_envs=64, seed=0))
+    c.data = ml_collections.ConfigDict(dict(quality="medium", transitions=50_000, num_envs=64, seed=0))
     t = train_cfg.get_config()    # the single-task DTs (and, via overrides, every other training run)
     t.num_steps = 500
     t.steps_per_call = 100
