@@ -2,7 +2,7 @@
 
     # accelerator scale: single-task DTs H128 L3 K20, 100k steps; multi-task DT H512 L3 4 heads gelu_new
     python -m launch.reproduce --config=configs/paper.py --workdir=runs/paper
-    # 2-core CPU, an estimated hour (idle machine): more steps, episodes and seeds than the quickstart
+    # 2-core CPU, about an hour of compute (README: 96.7 min user CPU): more steps, episodes and seeds than the quickstart
     python -m launch.reproduce --config=configs/paper.py:cpu --workdir=runs/paper_cpu
 
 Same stages as configs/quickstart.py (see mdt_jax/reproduce.py). The paper trained on D4RL's
