@@ -28,8 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = "average"      # P1/P2: average | fisher
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
-    c.floor = 1e-8            # fisher: added to each normalised Fisher (0 reproduces the reference)
+    # fisher: unset = the reference's formula, guarded only where it divides by zero (the plain
+    # average there); 0 = the reference exactly, NaN included; > 0 = added to each normalised Fisher
+    c.floor = ml_collections.config_dict.placeholder(float)
     c.normalize_trace = True  # fisher: divide each model's Fisher by its trace
+    c.trace_over = "fisher"   # fisher: the trace over the whole Fisher (the trunk, the reference) | subset
     c.lerp_ps = "0,0.25,0.5,0.75,1"
     c.ta_lams = "0.25,0.5,0.75,1"
     c.ties_ks = "0.1,0.2,0.5"

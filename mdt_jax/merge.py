@@ -11,8 +11,9 @@ Methods:
 - `weighted_average(models, weights)`: sum_i w_i theta_i, uniform by default.
 - `lerp(a, b, p)`: a + p (b - a).
 - `fisher_weighted(models, fishers)`: sum_i (f_i / sum_j f_j) theta_i with f_i = F_i / trace_i
-  (trace normalisation on, as the reference) or F_i, plus `floor` on each f_i so that all-zero
-  Fishers give the plain average rather than the reference's 0/0 = NaN (`floor=0` reproduces it).
+  (trace normalisation on, as the reference; the trace over the whole Fisher tree, the trunk, as
+  the reference) or F_i. The reference's formula exactly wherever it is finite; only its 0/0s are
+  guarded (the plain average there); `floor=0` reproduces the reference's NaNs too.
 - `task_arithmetic(base, models, lam)`: base + lam * sum_i (theta_i - base).
 - `ties(base, models, k, lam)`: trim each task vector to its top-k fraction by magnitude, elect a
   sign per parameter by the sign of the summed trimmed vectors, average the entries that agree
@@ -147,14 +148,35 @@ def lerp(a, b, p, *, subset: Subset = None):
     return jax.tree.map(lambda m, x, y: x + p * (y - x) if m else x, mask, a, b)
 
 
-def fisher_weighted(models, fishers, *, normalize_trace: bool = True, floor: float = 1e-8,
-                    subset: Subset = None, keep: int = 0):
-    """Fisher-weighted average: sum_i (f_i / sum_j f_j) theta_i, f_i = F_i / trace_i (+ floor).
+TRACE_SCOPES = ("fisher", "subset")
 
-    `fishers` is stacked like `models`; leaves outside `subset` are ignored. trace_i is the sum of
-    F_i over `subset`. `floor=0` reproduces the reference exactly, NaN on all-zero Fishers included.
+
+def fisher_weighted(models, fishers, *, normalize_trace: bool = True, trace_over: str = "fisher",
+                    floor: float | None = None, subset: Subset = None, keep: int = 0):
+    """Fisher-weighted average: sum_i (f_i / sum_j f_j) theta_i with f_i = F_i / trace_i (or F_i).
+
+    `fishers` is stacked like `models`; leaves outside `subset` are not merged.
+
+    trace_i (with `normalize_trace`, as the reference) is the sum of F_i over
+    - `trace_over="fisher"` (default, the reference): every leaf of the Fisher tree given, i.e.
+      the whole trunk the Fisher was computed on (the reference's `_stats.sum` over
+      `transformer.h`, LayerNorms included), even when only attn+mlp are merged;
+    - `trace_over="subset"`: the merged subset only.
+
+    Zero denominators, by `floor`:
+    - None (default): the reference's formula wherever it is finite, bit for bit; only where it
+      would divide by zero is it guarded: a model whose trace is 0 gets f_i = 0 (not 0/0), and an
+      entry where sum_j f_j = 0 takes the plain average of the models. All-zero Fishers thus give
+      the plain average.
+    - 0.0: exactly the reference, NaN where it divides 0 by 0 (an all-zero Fisher, or an entry
+      where every f_i is 0).
+    - > 0: added to every f_i (older behaviour; it pulls every entry toward the plain average by
+      an amount that grows with the model size, so it is not the default).
     """
-    _check("floor", floor, 0.0)
+    if trace_over not in TRACE_SCOPES:
+        raise MergeError(f"trace_over must be one of {TRACE_SCOPES}, got {trace_over!r}")
+    if floor is not None:
+        _check("floor", floor, 0.0)
     M = _num_models(models)
     check_compatible([_one(models), _one(fishers)], ["models", "fishers"])
     if _num_models(fishers) != M:
@@ -163,18 +185,25 @@ def fisher_weighted(models, fishers, *, normalize_trace: bool = True, floor: flo
     for p, f in jax.tree_util.tree_flatten_with_path(fishers)[0]:
         if _concrete(f) and (not np.all(np.isfinite(np.asarray(f))) or np.any(np.asarray(f) < 0)):
             raise MergeError(f"Fisher has negative or non-finite values at {subsets.path_str(p)}")
-    sel = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m]
-    if normalize_trace:
-        trace = sum(jnp.sum(f.reshape(M, -1), axis=1) for f in sel)  # (M,)
-        scale = 1.0 / jnp.where(trace > 0, trace, 1.0)
-    else:
-        scale = jnp.ones((M,))
+    scope = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m or trace_over == "fisher"]
+    trace = sum(jnp.sum(f.reshape(M, -1), axis=1) for f in scope) if normalize_trace else None  # (M,)
+    guard = floor is None
 
     def merge_leaf(m, x, f):
         if not m:
             return x[keep]
-        fi = f * scale.reshape((M,) + (1,) * (f.ndim - 1)) + floor
-        return (jnp.sum(fi * x, axis=0) / jnp.sum(fi, axis=0)).astype(x.dtype)
+        if normalize_trace:
+            t = trace.reshape((M,) + (1,) * (f.ndim - 1))
+            fi = jnp.where(t > 0, f / jnp.where(t > 0, t, 1.0), 0.0) if guard else f / t
+        else:
+            fi = f
+        if floor is not None and (not _concrete(floor) or float(floor) > 0):
+            fi = fi + floor
+        num, den = jnp.sum(fi * x, axis=0), jnp.sum(fi, axis=0)
+        if not guard:
+            return (num / den).astype(x.dtype)
+        ok = den > 0
+        return jnp.where(ok, num / jnp.where(ok, den, 1.0), jnp.mean(x, axis=0)).astype(x.dtype)
 
     return jax.tree.map(merge_leaf, mask, models, fishers)
 
@@ -192,16 +221,33 @@ def task_arithmetic(base, models, lam=1.0, *, subset: Subset = None):
     return jax.tree.map(lambda m, b, t: b + lam * jnp.sum(t, axis=0) if m else b, subset_mask(base, subset), base, tv)
 
 
-def _topk_threshold(tv, mask, k):
-    """Per model: the k-th largest |entry| over its selected leaves, kth = ceil(k * n).
+def ties_keep_count(n: int, k) -> int:
+    """How many of n entries the original TIES code keeps for density k (`topk_values_mask`).
 
-    Exact, without sorting: non-negative float32s order like their int32 bit patterns, so a
-    31-step bisection on the bits, each step one counting pass, finds the threshold.
+    It takes the (n - int(n * k))-th smallest magnitude as the threshold and keeps every entry at
+    or above it: int(n * k) + 1 entries when magnitudes are distinct (n entries at most). int() is
+    computed in float64 on the Python float k, as there.
+    """
+    return int(min(n, int(n * float(k)) + 1))
+
+
+def _topk_threshold(tv, mask, k):
+    """Per model: the magnitude threshold of the original TIES trim over its selected leaves.
+
+    The threshold is the kth-largest |entry| with kth = `ties_keep_count(n, k)`; entries with
+    |entry| >= it are kept. For a concrete k the count is computed in float64 as the original
+    does; for a traced k (a vmapped sweep) as floor(k * n) + 1 in float32, which can differ by one
+    where k * n is within float32 rounding of an integer (sweep k in Python to avoid it). Exact,
+    without sorting: non-negative float32s order like their int32 bit patterns, so a 31-step
+    bisection on the bits, each step one counting pass, finds the threshold.
     """
     bits = [jax.lax.bitcast_convert_type(jnp.abs(t), jnp.int32).reshape(t.shape[0], -1)
             for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m]
     n = sum(b.shape[1] for b in bits)
-    kth = jnp.clip(jnp.ceil(k * n), 1, n).astype(jnp.int32)
+    if _concrete(k):
+        kth = jnp.asarray(ties_keep_count(n, k), jnp.int32)
+    else:
+        kth = jnp.clip(jnp.floor(k * n) + 1, 1, n).astype(jnp.int32)
     count_ge = lambda t: sum(jnp.sum(b >= t[:, None], axis=1, dtype=jnp.int32) for b in bits)
 
     def step(_, lohi):  # invariant: count(bits >= lo) >= kth > count(bits >= hi + 1)
@@ -216,25 +262,41 @@ def _topk_threshold(tv, mask, k):
 
 
 def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
-    """TIES-merging: trim to the top-k fraction per model, elect signs, disjoint mean, scale by lam."""
+    """TIES-merging (Yadav et al., 2023), as the original code (`ties_merging`) computes it.
+
+    1. Trim: per model, one global top-k over every entry of its task vector in `subset` (the
+       TIES paper's and original code's flattened vector; mergekit instead trims each tensor on
+       its own), keeping `ties_keep_count(n, k)` entries (ties at the threshold kept too).
+    2. Elect: sign(sum_i trimmed_i) per entry; where that sum is exactly 0, the majority sign,
+       sign(sum over all entries of the elected signs), as the original's `resolve_zero_signs`.
+    3. Disjoint mean: per entry, the mean of the trimmed entries that are > 0 where the elected
+       sign is positive, < 0 elsewhere (the original's `torch.where(sign > 0, T > 0, T < 0)`),
+       divided by max(count, 1).
+    Returns base + lam * that on `subset`, base elsewhere. k in (0, 1] (k = 1 keeps everything;
+    the original fails there).
+    """
     _check("k", k, 0.0, 1.0, lo_open=True)
     _check("lam", lam, 0.0)
     tv = task_vectors(base, models)
     mask = subset_mask(base, subset)
     M = _num_models(models)
     thr = _topk_threshold(tv, mask, k)
+    trimmed = [jnp.where(jnp.abs(t) >= thr.reshape((M,) + (1,) * (t.ndim - 1)), t, 0.0) if m else None
+               for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask))]
+    signs = [jnp.sign(jnp.sum(t, axis=0)) if t is not None else None for t in trimmed]
+    majority = jnp.sign(sum(jnp.sum(s) for s in signs if s is not None))
 
-    def leaf(m, b, t):
-        if not m:
+    def leaf(b, t, s):
+        if t is None:
             return b
-        th = thr.reshape((M,) + (1,) * (t.ndim - 1))
-        trimmed = jnp.where(jnp.abs(t) >= th, t, 0.0)
-        sign = jnp.sign(jnp.sum(trimmed, axis=0))
-        agree = (jnp.sign(trimmed) == sign[None]) & (trimmed != 0)
-        mean = jnp.sum(jnp.where(agree, trimmed, 0.0), axis=0) / jnp.maximum(jnp.sum(agree, axis=0), 1)
+        s = jnp.where(s == 0, majority, s)
+        keep = jnp.where(s[None] > 0, t > 0, t < 0)
+        picked = jnp.where(keep, t, 0.0)
+        mean = jnp.sum(picked, axis=0) / jnp.maximum(jnp.sum(picked != 0, axis=0), 1)
         return b + lam * mean
 
-    return jax.tree.map(leaf, mask, base, tv)
+    out = [leaf(b, t, s) for b, t, s in zip(jax.tree.leaves(base), trimmed, signs)]
+    return jax.tree.unflatten(jax.tree.structure(base), out)
 
 
 def dare(base, models, p, rng, *, rescale: bool = True, subset: Subset = None):
@@ -261,7 +323,7 @@ def merge(method: str, models, *, base=None, fishers=None, subset: Subset = None
     needs_base = method in ("task_arithmetic", "ties", "dare_ta", "dare_ties")
     if needs_base and base is None:
         raise MergeError(f"merge method {method!r} needs a base model (the pre-finetuning weights)")
-    allowed = {"average": {"weights", "keep"}, "fisher": {"normalize_trace", "floor", "keep"},
+    allowed = {"average": {"weights", "keep"}, "fisher": {"normalize_trace", "trace_over", "floor", "keep"},
                "task_arithmetic": {"lam"}, "ties": {"k", "lam"}, "dare_ta": {"p", "lam", "rescale"},
                "dare_ties": {"p", "k", "lam", "rescale"}}[method]
     unknown = set(coeffs) - allowed

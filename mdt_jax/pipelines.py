@@ -108,10 +108,12 @@ def p3_candidates(cfg: DTConfig, pre: dict, finetuned: Sequence[dict], merged: d
         cands = jax.vmap(lambda lam: M.task_arithmetic(pre, stacked, lam, subset=subset))(lams)
         grids["task_arithmetic"] = (with_heads(cands), [{"lam": float(x)} for x in ta_lams])
     if ties_ks:
-        combos = [(k, lam) for k in ties_ks for lam in ties_lams]
-        ks, lams = (jnp.asarray(c, jnp.float32) for c in zip(*combos))
-        cands = jax.vmap(lambda k, lam: M.ties(pre, stacked, k, lam, subset=subset))(ks, lams)
-        grids["ties"] = (with_heads(cands), [{"k": float(k), "lam": float(lam)} for k, lam in combos])
+        # k stays a Python float (the kept count is computed in float64, as the original TIES
+        # code does); the lambdas of one k are one vmapped merge
+        lams = jnp.asarray(ties_lams, jnp.float32)
+        per_k = [jax.vmap(lambda lam: M.ties(pre, stacked, float(k), lam, subset=subset))(lams) for k in ties_ks]
+        cands = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_k)
+        grids["ties"] = (with_heads(cands), [{"k": float(k), "lam": float(lam)} for k in ties_ks for lam in ties_lams])
     if dare_ps:
         if rng is None:
             raise ValueError("DARE candidates need an rng key")

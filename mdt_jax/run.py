@@ -295,7 +295,8 @@ def merge_from_config(config, workdir: str) -> str:
                              f"got {len(fpaths)}")
         fishers = _load_fishers(fpaths)
     coeffs = {"weights": jnp.asarray(_floats(config.weights))} if config.weights and config.method == "average" \
-        else ({"floor": config.floor, "normalize_trace": config.normalize_trace} if config.method == "fisher" else {})
+        else ({"floor": config.floor, "normalize_trace": config.normalize_trace,
+               "trace_over": config.get("trace_over", "fisher")} if config.method == "fisher" else {})
     subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
     record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths,
               "fishers": split_list(config.fishers) if fishers else [],

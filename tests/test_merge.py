@@ -52,8 +52,8 @@ def test_lerp_by_hand_and_vmapped_sweep():
 def test_fisher_weighted_by_hand():
     FA = tiny(w=[1.0, 0.0, 3.0], s=[100.0])
     FB = tiny(w=[1.0, 2.0, 1.0], s=[0.0])
-    # subset attn: traces 4 and 4 -> f = F/4; w_A = (FA/4+e)/(FA/4+FB/4+2e)
-    out = M.fisher_weighted(M.stack([A, B]), M.stack([FA, FB]), subset="attn", floor=0.0)
+    # subset attn, trace over the subset: traces 4 and 4 -> f = F/4; w_A = (FA/4)/(FA/4+FB/4)
+    out = M.fisher_weighted(M.stack([A, B]), M.stack([FA, FB]), subset="attn", floor=0.0, trace_over="subset")
     want = (np.array([1, 0, 3]) * np.array([1, -2, 3]) + np.array([1, 2, 1]) * np.array([3, 2, -1])) / np.array([2, 2, 4])
     np.testing.assert_allclose(leaf(out), want, rtol=1e-6)
     np.testing.assert_allclose(leaf(out, "ln_f/scale"), [1.0])
@@ -78,9 +78,11 @@ def test_task_arithmetic_ties_dare_by_hand():
     T2 = tiny(w=[-2.0, -3.0, 0.1], s=[3.0])
     models = M.stack([T1, T2])
     np.testing.assert_allclose(leaf(M.task_arithmetic(base, models, 0.5)), [1.0, -2.0, 0.3], rtol=1e-6)
-    # TIES, subset attn (3 entries/model), k=2/3 keeps the top 2 magnitudes of each task vector:
-    # T1 -> [4, -1, 0], T2 -> [-2, -3, 0]; signs of sums: [+, -, 0]; disjoint means: [4, -2, 0]
-    out = M.ties(base, models, k=2 / 3, lam=1.0, subset="attn")
+    # TIES, subset attn (3 entries/model), k=0.5 keeps int(3 * 0.5) + 1 = 2 magnitudes of each task
+    # vector (the original code's count): T1 -> [4, -1, 0], T2 -> [-2, -3, 0]; signs of sums
+    # [+, -, 0]; the 0 takes the majority sign sign(1 - 1 + 0) = 0, where the original keeps the
+    # negative entries (none here): disjoint means [4, -2, 0]
+    out = M.ties(base, models, k=0.5, lam=1.0, subset="attn")
     np.testing.assert_allclose(leaf(out), [4.0, -2.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(leaf(out, "ln_f/scale"), [1.0])
     # k=1 keeps everything: elected sign + disjoint mean
