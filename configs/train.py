@@ -20,7 +20,7 @@ def model_config() -> ml_collections.ConfigDict:
 def train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         batch_size=64, learning_rate=1e-4, weight_decay=1e-4, warmup_steps=10_000, grad_clip=0.25,
-        init_reg=0.0, init_reg_on="blocks", freeze=""))
+        adam_eps=1e-8, init_reg=0.0, init_reg_on="blocks", freeze="", no_decay=""))
 
 
 def get_config() -> ml_collections.ConfigDict:

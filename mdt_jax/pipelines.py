@@ -26,7 +26,10 @@ from mdt_jax.models.dt import DTConfig
 P1_SUBSET = "attn,mlp"
 P1_FREEZE = ("attn", "mlp")                     # the merged part stays fixed while the rest finetunes
 P2_SUBSET = "blocks"
-P2_FINETUNE = dict(freeze=("ln_f", "timestep"), init_reg=1e-4, init_reg_on=("blocks",))
+# the reference's P2 finetune command: ln_f and the timestep embedding frozen, init_reg 1e-4 on the
+# blocks, and `--custom_transformer_decay`: no weight decay on the GPT-2 trunk, AdamW eps 1e-6
+P2_FINETUNE = dict(freeze=("ln_f", "timestep"), init_reg=1e-4, init_reg_on=("blocks",), no_decay=("blocks", "ln_f"),
+                   adam_eps=1e-6)
 
 
 def trunk(params) -> dict:

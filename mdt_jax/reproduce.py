@@ -200,8 +200,8 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                 seed=100 * seed + 90, model=_plain(config.multi.model), num_steps=config.multi.num_steps,
                 train={"batch_size": config.multi.batch_size})
     from mdt_jax.pipelines import P2_FINETUNE
-    ft_train = {"freeze": ",".join(P2_FINETUNE["freeze"]), "init_reg": P2_FINETUNE["init_reg"],
-                "init_reg_on": ",".join(P2_FINETUNE["init_reg_on"])} | _plain(config.multi.finetune_train)
+    ft_train = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in P2_FINETUNE.items()} \
+        | _plain(config.multi.finetune_train)
     fts = [_train(config, os.path.join(sdir, f"ft_{t}"), task=t, dataset=data[t], seed=100 * seed + 91 + i,
                   init_from=mt, num_steps=config.multi.finetune_steps, train=ft_train)
            for i, t in enumerate(tasks)]

@@ -1,6 +1,7 @@
 """Training: a pure `train_step`, N steps fused in one `lax.scan`, vmappable over seeds/hparams/tasks.
 
-The optimizer is the reference's: AdamW (torch semantics, decay on every trainable tensor),
+The optimizer is the reference's: AdamW (torch semantics, decay on every trainable tensor except
+those matched by `TrainConfig.no_decay`),
 a linear warmup ``lr * min((step + 1) / warmup, 1)``, and global-norm clipping with torch's
 ``max_norm / (norm + 1e-6)`` rule. Hyperparameters that a sweep varies (learning rate, weight
 decay, init_reg) live as arrays in `TrainState.hparams`, so `jax.vmap` over a stacked state
@@ -44,6 +45,9 @@ class TrainConfig:
     init_reg: float = 0.0           # c in c * sum_tensors ||theta - theta_init||_2 over `init_reg_on`
     init_reg_on: tuple[str, ...] = ("blocks",)
     freeze: tuple[str, ...] = ()    # path patterns / aliases of params kept fixed
+    # path patterns / aliases that get no weight decay; the reference's P2 finetunes
+    # (`--custom_transformer_decay`) exempt the GPT-2 trunk: ("blocks", "ln_f"), with adam_eps 1e-6
+    no_decay: tuple[str, ...] = ()
 
     def __post_init__(self):
         for f in ("batch_size", "warmup_steps"):
@@ -59,6 +63,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}: must be in [0, 1), got {getattr(self, f)!r}")
         object.__setattr__(self, "freeze", tuple(subsets._names(self.freeze)))
         object.__setattr__(self, "init_reg_on", tuple(subsets._names(self.init_reg_on)))
+        object.__setattr__(self, "no_decay", tuple(subsets._names(self.no_decay)))
 
 
 @flax.struct.dataclass
@@ -77,8 +82,11 @@ def _key(raw):
 
 def _optimizer(tcfg: TrainConfig, hp: dict, step) -> optax.GradientTransformation:
     lr = hp["learning_rate"] * jnp.minimum((step + 1.0) / tcfg.warmup_steps, 1.0)
+    decay = None
+    if tcfg.no_decay:
+        decay = lambda params: jax.tree.map(lambda x: not x, subsets.select(params, tcfg.no_decay))
     return optax.chain(optax.scale_by_adam(tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps),
-                       optax.add_decayed_weights(hp["weight_decay"]), optax.scale(-lr))
+                       optax.add_decayed_weights(hp["weight_decay"], mask=decay), optax.scale(-lr))
 
 
 def trainable_mask(params, tcfg: TrainConfig):
