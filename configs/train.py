@@ -39,6 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
     # same-shaped param (the trunk blocks, ln_f, the timestep embedding), whatever their task: the
     # paper's "common init", while `seed` still sets each run's data order and dropout.
     c.init_seed = -1
+    # a DT checkpoint whose trunk (blocks and ln_f) starts this model, the rest from the init seed:
+    # a pretrained common init (launch.reproduce's `pretrained` set)
+    c.init_trunk_from = ""
+    # the reference's --save_mode: "last" (the final params, model/), "best" (model_best/: the params
+    # of the evaluation every `eval_every` steps with the best mean normalised score on
+    # `select_episodes` selection episodes, reset seed `select_seed`, which must differ from the
+    # seeds the results are reported on), or "both"
+    c.save_mode = "last"
+    c.eval_every = 0
+    c.select_episodes = 0
+    c.select_seed = 1000
     c.model = model_config()
     c.train = train_config()
     return c

@@ -100,7 +100,7 @@ class TaskResult:
                 "return_over_target": float(r.mean() / self.target_return),
                 "normalized": float(envs.normalized_score(self.task, r.mean())),
                 "normalized_std": float(np.std(envs.normalized_score(self.task, r))),
-                "nan_action_steps": int(self.nan_actions[m].sum())}
+                "nan_action_steps": int(self.nan_actions[m].sum()), "returns": r.tolist()}
 
 
 def _num_candidates(cfg: DTConfig, params) -> int | None:

@@ -41,7 +41,7 @@ from mdt_jax.fileio import write_json_atomic
 from mdt_jax.run import (_evaluate_rows, _plain, _stage, collect_dataset, merge_from_config, split_list,
                          train_from_config)
 
-SETS = ("independent", "common", "large")
+SETS = ("independent", "common", "pretrained", "large")
 P1_SUBSETS = {"attn,mlp": "attn+mlp", "blocks": "blocks"}
 Z = 2.0  # a difference counts when it exceeds Z standard errors
 
@@ -85,11 +85,12 @@ def check_config(config) -> tuple[list[str], list[int]]:
 # --------------------------------------------------------------------------------- the stages
 
 def _train(config, workdir: str, *, task: str, dataset: str, seed: int, init_seed: int = -1, model=None,
-           num_steps=None, init_from: str = "", train=None) -> str:
+           num_steps=None, init_from: str = "", train=None, init_trunk_from: str = "") -> str:
     """train_from_config on a copy of `config.train` with the given overrides; returns the model folder."""
     tc = config.train.copy_and_resolve_references()
     with tc.unlocked():
         tc.task, tc.dataset, tc.seed, tc.init_seed, tc.init_from = task, dataset, seed, init_seed, init_from
+        tc.init_trunk_from = init_trunk_from
         if num_steps is not None:
             tc.num_steps = num_steps
         for k, v in (model or {}).items():
@@ -164,17 +165,40 @@ def _tag(rows: list[dict], seed: int, **fields) -> list[dict]:
     return [r | fields | {"seed": seed} for r in rows]
 
 
-def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed: int) -> list[dict]:
+def pretrain(config, workdir: str, tasks: list[str]) -> str:
+    """The embedded pre-trained common init: a multi-task DT with the single-task DTs' trunk shape,
+    trained on every task's `config.pretrain.quality` data (default: uniform-random-policy data,
+    which no target DT trains on), once per study (WORKDIR/pretrain/mt); "" when switched off."""
+    pc = config.get("pretrain", None)
+    if pc is None or not pc.num_steps:
+        return ""
+    if pc.quality == config.data.quality:
+        raise ValueError(f"config.pretrain.quality: {pc.quality!r} is the target DTs' own data quality; the "
+                         "pretrained init must come from data they never see")
+    paths = []
+    for i, t in enumerate(tasks):
+        path = os.path.join(workdir, "data", f"{t}-{pc.quality}.hdf5")
+        if not os.path.exists(path):
+            _log(f"data {t}-{pc.quality} (pretraining)")
+        paths.append(collect_dataset(t, pc.quality, pc.transitions, path, seed=config.data.seed + 100 + i,
+                                     num_envs=config.data.num_envs))
+    return _train(config, os.path.join(workdir, "pretrain", "mt"), task=",".join(tasks), dataset=",".join(paths),
+                  seed=7, init_seed=7, num_steps=pc.num_steps, train={"batch_size": pc.batch_size})
+
+
+def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed: int,
+             pretrained: str = "") -> list[dict]:
     """Every stage of one seed; rows in the results schema (one per model x method x task)."""
     sdir = os.path.join(workdir, f"seed_{seed}")
     rows: list[dict] = []
-    sets = [s for s in SETS if s != "large" or len(config.large)]
+    sets = [s for s in SETS if (s != "large" or len(config.large)) and (s != "pretrained" or pretrained)]
     models: dict[str, list[str]] = {}
     for name in sets:
         common_init = name != "independent"
         models[name] = [_train(config, os.path.join(sdir, f"dt_{name}_{t}"), task=t, dataset=data[t],
                                seed=100 * seed + i, init_seed=100 * seed + (50 if common_init else 10 + i),
-                               model=_plain(config.large) if name == "large" else None)
+                               model=_plain(config.large) if name == "large" else None,
+                               init_trunk_from=pretrained if name == "pretrained" else "")
                         for i, t in enumerate(tasks)]
     for name in sets:
         fishers = [_fisher(config, os.path.join(sdir, f"fisher_{name}_{t}"), m, data[t], seed)
@@ -527,11 +551,12 @@ def reproduce(config, workdir: str) -> str:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         data[t] = collect_dataset(t, config.data.quality, config.data.transitions, path,
                                   seed=config.data.seed + i, num_envs=config.data.num_envs)
+    pretrained = pretrain(config, workdir, tasks)
     per_seed = []
     for s in seeds:
         _log(f"seed {s}")
         per_seed += _stage(os.path.join(workdir, f"seed_{s}"), "rows",
-                           lambda: run_seed(config, workdir, tasks, data, s))
+                           lambda: run_seed(config, workdir, tasks, data, s, pretrained))
     rows = pool_rows(per_seed)
     claim = claims(rows, tasks, config.claims_min_effect)
     from mdt_jax.data import load_d4rl_hdf5

@@ -87,6 +87,8 @@ def train_from_config(config, workdir: str) -> str:
     init_seed = config.get("init_seed", -1)
     if not isinstance(init_seed, int) or init_seed < -1:
         raise ValueError(f"config.init_seed: must be an int >= 0 (or -1: from config.seed), got {init_seed!r}")
+    if config.init_from and config.get("init_trunk_from", ""):
+        raise ValueError("config.init_trunk_from: cannot be combined with config.init_from (the params come from it)")
     if config.init_from:
         if init_seed >= 0:
             raise ValueError("config.init_seed: cannot be combined with config.init_from (the params come from it)")
@@ -121,6 +123,7 @@ def train_from_config(config, workdir: str) -> str:
         data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
         meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
     model_dir = os.path.join(workdir, "model")
+    on_eval, eval_every = _best_keeper(config, cfg, meta, data, workdir, tasks)
     # the device count is not part of the run: a run may resume on other devices
     run_config_guard(workdir, {k: v for k, v in _plain(config).items() if k != "mesh_devices"})
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
@@ -128,20 +131,109 @@ def train_from_config(config, workdir: str) -> str:
         return model_dir
     if init_seed >= 0:
         params = init_params_for_seed(cfg, init_seed)
+    if config.get("init_trunk_from", ""):
+        base = params if params is not None else init_params_for_seed(cfg, int(config.seed))
+        params = trunk_from_checkpoint(cfg, base, config.init_trunk_from)
+        meta |= {"init_trunk_from": os.path.abspath(config.init_trunk_from)}
     rows = jax.eval_shape(sample or default_sampler(cfg, tcfg), data, jax.random.key(0))["mask"].shape[0]
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every, sample=sample, desc=f"train {config.task}",
-                mesh=sharding.mesh_for(rows, config.get("mesh_devices", 0)))
+                mesh=sharding.mesh_for(rows, config.get("mesh_devices", 0)), eval_every=eval_every, on_eval=on_eval)
     meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
              "seed": int(config.seed), "init_seed": int(init_seed), "train": _plain(config.train)}
     params = jax.device_get(state.params)
+    save_mode = config.get("save_mode", "last")
     if jax.process_index() == 0:  # across hosts, process 0 writes the model and the others wait
-        model_dir = checkpoint.save(model_dir, params, cfg, meta)
+        if save_mode in ("best", "both"):
+            best = _read_best(workdir)
+            bmeta = meta | {"checkpoint_mode": "best", "selection": best["selection"], "steps": best["step"]}
+            best_dir = checkpoint.save(os.path.join(workdir, "model_best"), best_params(workdir, cfg), cfg, bmeta)
+        if save_mode in ("last", "both"):
+            model_dir = checkpoint.save(model_dir, params, cfg, meta | {"checkpoint_mode": "last"})
+        else:
+            model_dir = best_dir
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("mdt_jax model saved")
     return model_dir
+
+
+TRUNK_FIELDS = ("hidden_size", "n_layer", "n_head", "inner_dim", "activation", "layer_norm_eps")
+
+
+def trunk_from_checkpoint(cfg: DTConfig, params: dict, path: str) -> dict:
+    """`params` with the trunk (the blocks and ln_f) of the DT checkpoint at `path`: a pretrained
+    trunk (e.g. `reproduce`'s multi-task DT on data the target DTs never see) as a common init."""
+    src_cfg, src, _ = checkpoint.load(path)
+    bad = [f"{f}: {getattr(src_cfg, f)!r} in {path}, {getattr(cfg, f)!r} here" for f in TRUNK_FIELDS
+           if getattr(src_cfg, f) != getattr(cfg, f)]
+    if bad:
+        raise ValueError("config.init_trunk_from: the trunk does not fit this model (" + "; ".join(bad) + ")")
+    return params | {k: v for k, v in src.items() if k.startswith("block_") or k == "ln_f"}
+
+
+SAVE_MODES = ("last", "best", "both")
+
+
+def _best_keeper(config, cfg: DTConfig, meta: dict, data, workdir: str, tasks: list[str]):
+    """(on_eval, eval_every) for `fit`: keep the params with the best mean normalised score on the
+    selection episodes in WORKDIR/best (orbax) + best.json, resumable; (None, 0) for save_mode last."""
+    from mdt_jax import envs, evaluate as ev
+
+    save_mode, every = config.get("save_mode", "last"), int(config.get("eval_every", 0))
+    episodes, seed = int(config.get("select_episodes", 0)), int(config.get("select_seed", 1000))
+    if save_mode not in SAVE_MODES:
+        raise ValueError(f"config.save_mode: unknown {save_mode!r}; choose from {SAVE_MODES}")
+    if every < 0 or episodes < 0:
+        raise ValueError("config.eval_every and config.select_episodes must be >= 0")
+    if every and not episodes:
+        raise ValueError("config.eval_every: evaluating during training needs selection episodes "
+                         "(config.select_episodes > 0, reset seed config.select_seed)")
+    if save_mode != "last" and not every:
+        raise ValueError(f"config.save_mode={save_mode!r} needs config.eval_every > 0 and config.select_episodes > 0")
+    if save_mode == "last":
+        return None, 0
+    if cfg.multi:
+        stats = {t: ev.TaskStats(np.asarray(meta["stats"][t]["state_mean"]), np.asarray(meta["stats"][t]["state_std"]),
+                                 envs.target_return(t), float(config.rtg_scale)) for t in cfg.task_names}
+        eval_tasks = [tasks[0]] if meta.get("kind") == "multi_task_finetune" else list(cfg.task_names)
+    else:
+        stats = {tasks[0]: ev.TaskStats(np.asarray(data.state_mean), np.asarray(data.state_std),
+                                        envs.target_return(tasks[0]), float(config.rtg_scale))}
+        eval_tasks = tasks[:1]
+    from mdt_jax.fileio import orbax_writer, write_dir_atomic
+
+    def on_eval(step, params):
+        params = jax.device_get(params)
+        res = ev.evaluate(cfg, params, eval_tasks, stats, episodes=episodes, max_steps=1000, seed=seed)
+        score = float(np.mean([r.summary()["normalized"] for r in res]))
+        best = _read_best(workdir)
+        if best is None or score > best["score"]:
+            write_dir_atomic(os.path.join(workdir, "best"), {"params": orbax_writer(params)}, overwrite=True)
+            write_json_atomic(os.path.join(workdir, "best.json"), {
+                "step": int(step), "score": score, "selection": {
+                    "episodes": episodes, "reset_seed": seed, "tasks": eval_tasks, "score": "mean normalized"}})
+        print(f"eval step {step}: selection score {score:.2f} (best {max(score, best['score']) if best else score:.2f})",
+              flush=True)
+
+    return on_eval, every
+
+
+def _read_best(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def best_params(workdir: str, cfg: DTConfig) -> dict:
+    from mdt_jax.fileio import orbax_read
+    from mdt_jax.models.dt import param_shapes
+
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
+    return orbax_read(os.path.join(workdir, "best", "params"), ValueError, "best params", target=target)
 
 
 def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "return_std", "return_over_target",
@@ -267,7 +359,8 @@ def _evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None
     rows = []
     for i, coeffs in enumerate(stacked_coeffs or [{}]):
         for r in results:
-            rows.append(r.summary(i) | (extra or {}) | ({"coefficients": coeffs} if coeffs else {}))
+            rows.append(r.summary(i) | {"checkpoint_mode": meta.get("checkpoint_mode", "last")} | (extra or {})
+                        | ({"coefficients": coeffs} if coeffs else {}))
     return rows
 
 

@@ -243,7 +243,8 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         params=None, steps_per_call: int = 100, checkpoint_every: int = 1000, log_every: int | None = None,
         sample: Callable | None = None, progress: bool = True, stop_after: int | None = None,
         init: Callable[[], TrainState] | None = None, vmapped: bool = False, desc: str = "train",
-        mesh: jax.sharding.Mesh | None = None) -> TrainState:
+        mesh: jax.sharding.Mesh | None = None, eval_every: int = 0,
+        on_eval: Callable[[int, Any], None] | None = None) -> TrainState:
     """Train for `num_steps` with checkpoints in `workdir/checkpoints`, resuming from the latest.
 
     Metrics go to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`. `stop_after`
@@ -253,6 +254,10 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
     trains in the same call (logged metrics are means over models). With a `mesh`, training is data
     parallel over its devices (`make_train_chunk`); across hosts, every host runs `fit` alike,
     `workdir` is on a filesystem they share, and only process 0 writes metrics.
+
+    With `eval_every` > 0, `on_eval(step, params)` is called every `eval_every` steps (chunks end
+    there) and at the end; it keeps whatever it wants (e.g. the best checkpoint by a score on
+    selection episodes, `mdt_jax.run`), so side effects stay outside the pure core.
     """
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -293,7 +298,8 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
             # chunks end on multiples of steps_per_call and checkpoint_every, so a resumed run
             # takes the same sequence of steps as an uninterrupted one
             nxt = min(end, (step // steps_per_call + 1) * steps_per_call,
-                      (step // checkpoint_every + 1) * checkpoint_every)
+                      (step // checkpoint_every + 1) * checkpoint_every,
+                      (step // eval_every + 1) * eval_every if eval_every > 0 else end)
             state, metrics = chunk(state, data, nxt - step)
             bar.update(nxt - step)
             step = nxt
@@ -304,6 +310,8 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
             if writer and (step % log_every == 0 or step == end):
                 writer.write(step, m | {"steps_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.4f}", sps=f"{rate:.1f}")
+            if on_eval is not None and eval_every > 0 and (step % eval_every == 0 or step == num_steps):
+                on_eval(step, state.params)  # before the checkpoint: a kill between them re-evaluates
             if step % checkpoint_every == 0 or step == num_steps:
                 mngr.save(step, args=ocp.args.StandardSave(state))
                 mngr.wait_until_finished()

@@ -212,3 +212,35 @@ def test_no_decay_pattern_exempts_the_trunk_and_eps_is_used():
     u6, _ = _optimizer(TrainConfig(weight_decay=0.0, warmup_steps=1, adam_eps=1e-6), hp, 0).update(
         g, opt.init(params), params)
     np.testing.assert_allclose(flat(u6)["ln_f/bias"], -0.1 * 0.5, rtol=1e-4)
+
+
+def test_best_checkpoint_on_selection_episodes_next_to_last(tmp_path):
+    """The reference's --save_mode both, selecting on held-out (selection) episodes."""
+    import json
+    import subprocess
+    import sys
+
+    from test_train import ROOT, _cli, _env, save_d4rl_hdf5
+    from synth import make_dataset
+    from mdt_jax import checkpoint
+
+    path = str(tmp_path / "d.hdf5")
+    save_d4rl_hdf5(make_dataset(), path)
+    w = tmp_path / "w"
+    r = subprocess.run(_cli(w, path, "--config.save_mode=both", "--config.eval_every=40", "--config.select_episodes=2",
+                            "--config.select_seed=77"), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = json.loads((w / "best.json").read_text())
+    assert best["step"] in (40, 80, 120) and best["selection"]["reset_seed"] == 77
+    scores = [float(line.split("selection score ")[1].split()[0]) for line in r.stdout.splitlines()
+              if line.startswith("eval step")]
+    assert len(scores) == 3 and abs(max(scores) - best["score"]) < 0.01
+    _, last, ml = checkpoint.load(w / "model")
+    _, bp, mb = checkpoint.load(w / "model_best")
+    assert ml["checkpoint_mode"] == "last" and mb["checkpoint_mode"] == "best" and mb["steps"] == best["step"]
+    if best["step"] == 120:
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(bp)))
+    # eval_every without selection episodes: a clear error, nothing written
+    r = subprocess.run(_cli(tmp_path / "bad", path, "--config.eval_every=40"), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "select_episodes" in r.stderr and not (tmp_path / "bad").exists()
