@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 
 from mdt_jax.envs.native import NativeBatchEnv
-from mdt_jax.envs.tasks import TASKS, Task, get_task, is_healthy, normalized_score, observe, transition
+from mdt_jax.envs.tasks import (TASKS, Task, get_task, is_healthy, normalized_score, observe, transition,
+                                v5_normalized_score, v5_reference)
 
 EXECUTORS = ("auto", "native", "mjx")
 
@@ -51,4 +52,5 @@ def make(task: str | Task, executor: str = "auto", num_envs: int = 1, **options)
 
 
 __all__ = ["EXECUTORS", "TASKS", "Task", "NativeBatchEnv", "get_task", "is_healthy", "make",
-           "normalized_score", "observe", "resolve_executor", "target_return", "transition"]
+           "normalized_score", "observe", "resolve_executor", "target_return", "transition", "v5_normalized_score",
+           "v5_reference"]

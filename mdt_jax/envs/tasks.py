@@ -22,6 +22,7 @@ Facts taken from gymnasium/envs/mujoco/{hopper,walker2d,half_cheetah}_v5.py (gym
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import math
 from typing import Any
@@ -97,13 +98,51 @@ def get_task(task: str | Task) -> Task:
 
 
 def normalized_score(task: str | Task, returns):
-    """D4RL-style score 100 * (R - random) / (expert - random), with D4RL"s reference returns.
+    """D4RL-referenced, gym v2 returns: 100 * (R - random) / (expert - random).
 
-    The references are D4RL"s REF_MIN_SCORE / REF_MAX_SCORE for the *-v2 datasets (d4rl/infos.py).
-    Works on floats, NumPy and JAX arrays alike.
+    The references are D4RL's REF_MIN_SCORE / REF_MAX_SCORE for the *-v2 datasets (d4rl/infos.py),
+    measured on gym v2 envs with mujoco-py, not on our Gymnasium v5 tasks; `v5_normalized_score`
+    uses references measured on ours. Works on floats, NumPy and JAX arrays alike.
     """
     t = get_task(task)
     return 100.0 * (returns - t.random_score) / (t.expert_score - t.random_score)
+
+
+V5_REFERENCE_FILE = "v5_reference.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _v5_table() -> dict:
+    import json
+
+    path = importlib.resources.files("mdt_jax.envs") / V5_REFERENCE_FILE
+    with path.open() as f:
+        doc = json.load(f)
+    if doc.get("format") != "mdt_jax.v5_reference" or doc.get("format_version") != 1:
+        raise ValueError(f"{path}: not an mdt_jax v5 reference table (format {doc.get('format')!r}, "
+                         f"version {doc.get('format_version')!r})")
+    return doc
+
+
+def v5_reference(task: str | Task) -> tuple[float, float]:
+    """(random, expert) mean returns on the Gymnasium v5 task, from mdt_jax/envs/v5_reference.json:
+    a uniform-random policy and the committed expert behaviour policy (deterministic actions), each
+    over >= 100 episodes (`python -m launch.reference_returns`; the file's `command` field)."""
+    t = get_task(task)
+    tasks = _v5_table()["tasks"]
+    if t.name not in tasks:
+        raise ValueError(f"no v5 reference returns for {t.name!r} in {V5_REFERENCE_FILE} (has {sorted(tasks)}); "
+                         "measure them with launch.reference_returns")
+    row = tasks[t.name]
+    return float(row["random"]["mean"]), float(row["expert"]["mean"])
+
+
+def v5_normalized_score(task: str | Task, returns):
+    """v5-referenced score 100 * (R - random) / (expert - random), with the random and expert
+    returns measured on our Gymnasium v5 task (`v5_reference`), so 0 is the uniform-random policy
+    and 100 the committed expert on the same env. Works on floats, NumPy and JAX arrays alike."""
+    lo, hi = v5_reference(task)
+    return 100.0 * (returns - lo) / (hi - lo)
 
 
 def observe(task: Task, qpos, qvel, xp: Any = np):
