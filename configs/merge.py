@@ -38,7 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ties_ks = "0.1,0.2,0.5"
     c.ties_lams = "1"
     c.dare_ps = "0.1,0.3,0.5"
-    c.seed = 0
+    c.seed = 0                # the evaluation episodes' reset seed (the reported episodes)
+    # P3 "best": chosen on episodes of this reset seed (held out, != seed), reported on `seed`'s;
+    # -1 chooses on the reported episodes themselves (optimistic)
+    c.select_seed = -1
     c.eval_inputs = True      # also evaluate the models merged (P1 unmerged, P2/P3 finetunes and base)
     # own_task: a single-task model only on its own task (else on every task its dims fit)
     c.eval = ml_collections.ConfigDict(dict(episodes=10, max_steps=1000, executor="auto", own_task=False))

@@ -35,8 +35,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.merge.ta_lams = "0.25,0.5,0.75,1"
     c.merge.ties_ks = "0.1,0.2,0.5"
     c.merge.dare_ps = "0.1,0.3,0.5"
-    c.eval = ml_collections.ConfigDict(dict(episodes=50, max_steps=1000, executor="auto"))
+    c.eval = ml_collections.ConfigDict(dict(episodes=50, max_steps=1000, executor="auto",
+                                            select_seeds="1000,1001,1002"))
+    c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=1_000_000, num_steps=100_000,
+                                                batch_size=64))
     c.claims_min_effect = 1.0
+    c.bootstrap_reps = 2000
     if arg == "cpu":
         c.seeds = "0,1"
         c.data.transitions = 100_000
@@ -50,6 +54,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.p1_finetune.num_steps = 500
         c.fisher.num_batches = 50
         c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
-        c.eval = ml_collections.ConfigDict(dict(episodes=20, max_steps=1000, executor="auto"))
+        c.eval = ml_collections.ConfigDict(dict(episodes=20, max_steps=1000, executor="auto",
+                                                select_seeds="1000,1001"))
+        c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=100_000, num_steps=2_000,
+                                                    batch_size=64))
         c.claims_min_effect = 0.5
     return c

@@ -3,11 +3,13 @@
     python -m launch.reproduce --config=configs/quickstart.py --workdir=runs/quickstart
 
 Collects a dataset per task (quality `data.quality`, default "medium": the committed SAC
-behaviour policies, sampled, with the native MuJoCo executor; "random" needs no policy), trains small single-task DTs from independent inits, from a common
-init and at a larger size, a multi-task DT and its per-task finetunes; computes Fishers; runs P1
+behaviour policies, sampled, with the native MuJoCo executor; "random" needs no policy), trains
+small single-task DTs from independent inits, from a shared random init, from a pretrained trunk
+(`pretrain`: random-policy data the targets never see) and at a larger size, a multi-task DT and its per-task finetunes; computes Fishers; runs P1
 (average / Fisher, attn+mlp and all block params), P2 and the P3 grids; evaluates every model
 with batched rollouts next to a uniform-random policy; writes WORKDIR/results.json (rows and the
-claims C1..C6 decided from the numbers), results.md and results_*.png. Every stage is cached, so
+claims C1..C6 decided from the numbers with rliable CIs; P3 bests chosen on held-out selection
+episodes), results.md and results_*.png. Every stage is cached, so
 the same command run again only rewrites the results. Two seeds, small models and 500 training
 steps: expect several claims to come out `null` (within noise) at this scale;
 `configs/paper.py:cpu` is the trustworthy run.
@@ -54,8 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.merge.ta_lams = "0.5,1"
     c.merge.ties_ks = "0.2,0.5"
     c.merge.dare_ps = "0.3"
-    c.eval = ml_collections.ConfigDict(dict(episodes=5, max_steps=1000, executor="auto"))
-    # a claim is decided (true/false) when the difference of mean normalized scores exceeds both
-    # 2 standard errors and this many normalized points; otherwise it is null
+    # report episodes: reset seed = the study seed; selection episodes (every "best of": P3 grids):
+    # one reset seed per study seed, disjoint from the report seeds
+    c.eval = ml_collections.ConfigDict(dict(episodes=5, max_steps=1000, executor="auto", select_seeds="1000,1001"))
+    # the embedded pre-trained common init (claim C2, the paper's way): a multi-task DT with the
+    # single-task trunk shape trained on every task's random-policy data, which no target DT sees
+    c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_steps=500, batch_size=32))
+    # a claim is decided (true/false) when the 95% bootstrap CI of the difference of mean normalized
+    # scores excludes 0 and the difference exceeds this many normalized points; otherwise it is null
     c.claims_min_effect = 0.5
+    c.bootstrap_reps = 1000
     return c

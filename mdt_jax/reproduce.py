@@ -62,6 +62,13 @@ def parse_seeds(value) -> list[int]:
     return seeds
 
 
+def select_seeds(config, seed: int) -> int:
+    """The reset seed of the selection episodes paired with study seed `seed` (config.eval.select_seeds)."""
+    seeds = parse_seeds(config.seeds)
+    sel = [int(x) for x in split_list(config.eval.get("select_seeds", ""))]
+    return sel[seeds.index(seed)]
+
+
 def check_config(config) -> tuple[list[str], list[int]]:
     tasks = split_list(config.tasks)
     if len(tasks) < 2:
@@ -77,6 +84,24 @@ def check_config(config) -> tuple[list[str], list[int]]:
     for f in ("num_steps", "finetune_steps"):
         if not isinstance(config.multi[f], int) or config.multi[f] <= 0:
             raise ValueError(f"config.multi.{f}: must be a positive int, got {config.multi[f]!r}")
+    seeds = parse_seeds(config.seeds)
+    try:
+        sel = [int(x) for x in split_list(config.eval.get("select_seeds", ""))]
+    except ValueError:
+        raise ValueError(f"config.eval.select_seeds: expected comma-separated ints, got "
+                         f"{config.eval.select_seeds!r}") from None
+    if not sel:
+        raise ValueError("config.eval.select_seeds: empty; every 'best of' is chosen on selection episodes, "
+                         "one reset seed per study seed")
+    if len(sel) != len(seeds) or len(set(sel)) != len(sel) or min(sel) < 0:
+        raise ValueError(f"config.eval.select_seeds: need {len(seeds)} distinct ints >= 0 (one per seed in "
+                         f"config.seeds), got {config.eval.select_seeds!r}")
+    if set(sel) & set(seeds):
+        raise ValueError(f"config.eval.select_seeds: {sorted(set(sel) & set(seeds))} are also report seeds "
+                         f"(config.seeds); selection and report episodes must be disjoint")
+    from mdt_jax import report
+    report.check_reps(config.get("bootstrap_reps", 2000))
+    report.check_min_effect(config.claims_min_effect)
     if config.p1_finetune.num_steps < 0:
         raise ValueError(f"config.p1_finetune.num_steps: must be >= 0, got {config.p1_finetune.num_steps}")
     return tasks, parse_seeds(config.seeds)
@@ -231,8 +256,17 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
            for i, t in enumerate(tasks)]
     ft_fishers = [_fisher(config, os.path.join(sdir, f"fisher_ft_{t}"), m, data[t], seed, spec_info=True)
                   for t, m in zip(tasks, fts)]
-    for r in _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
-                    checkpoints=",".join(fts), eval_inputs=True):
+    select_seed = select_seeds(config, seed)
+    p3_rows = _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
+                     checkpoints=",".join(fts), eval_inputs=True, select_seed=select_seed)
+    with open(os.path.join(sdir, "p3", "merge.json")) as f:
+        p3_best = json.load(f)["merge"].get("p3_best", {})
+    for name, b in p3_best.items():  # each grid's best, chosen on the selection episodes, reported on these
+        rows += _tag([r | {"coefficients": None, "selected_coefficients": b["coefficients"],
+                           "selection": {"chosen_on_seed": b["chosen_on_seed"], "reported_on_seed": b["reported_on_seed"]}}
+                      for r in p3_rows if r["model"] == f"p3_{name}" and r["coefficients"] == b["coefficients"]],
+                     seed, pipeline="p3_best", model="mt_finetunes", method=name)
+    for r in p3_rows:
         m = r["model"]
         if m == "pre":
             rows += _tag([r], seed, pipeline="multi", model="mt", method="pre")
@@ -293,7 +327,7 @@ def pool_rows(rows: list[dict]) -> list[dict]:
         std = float(np.sqrt(max(np.sum(n * (sd ** 2 + mu ** 2)) / n.sum() - mean ** 2, 0.0)))
         task = envs.get_task(group[0]["task"])
         scale = 100.0 / (task.expert_score - task.random_score)
-        first = {k: v for k, v in group[0].items() if k not in ("seed", "checkpoint")}
+        first = {k: v for k, v in group[0].items() if k not in ("seed", "checkpoint", "returns")}
         out.append(first | {
             "return_mean": mean, "return_std": std, "episodes": int(n.sum()),
             "seeds": sorted(r["seed"] for r in group),
@@ -301,6 +335,9 @@ def pool_rows(rows: list[dict]) -> list[dict]:
             "normalized": float(envs.normalized_score(task, mean)), "normalized_std": std * scale,
             "length_mean": float(np.sum(n * [r["length_mean"] for r in group]) / n.sum()),
             "nan_action_steps": int(sum(r.get("nan_action_steps", 0) for r in group)),
+            "per_seed_returns": {str(r["seed"]): r["returns"] for r in sorted(group, key=lambda r: r["seed"])
+                                 if "returns" in r},
+            "v5_normalized": float(envs.v5_normalized_score(task.name, mean)),
             "per_seed_return_mean": [r["return_mean"] for r in sorted(group, key=lambda r: r["seed"])]})
     return out
 
@@ -331,39 +368,54 @@ def seed_scores(rows: list[dict]) -> dict[int, float]:
     return {s: float(np.mean([p[s] for p in per])) for s in sorted(common)}
 
 
-def compare(a: list[dict] | None, b: list[dict] | None, min_effect: float = 0.0) -> tuple[bool | None, str]:
-    """True if a beats b by more than Z standard errors and `min_effect` normalized points, False if
-    b beats a so, None otherwise (within noise, or too small to matter). The standard error is the
-    larger of the episodes' (pooled over seeds) and, with 2+ seeds, that of the per-seed paired
-    differences (the seeds of a pair share data order and dropout), which carries training noise."""
+BOOTSTRAP = {"reps": 2000, "seed": 0}  # set by `reproduce` from config.bootstrap_reps
+
+
+def episode_scores(rows: list[dict]) -> dict[str, np.ndarray] | None:
+    """{task: (seeds, episodes) D4RL-referenced normalised scores} from pooled rows, or None."""
+    out = {}
+    for r in rows:
+        per = r.get("per_seed_returns")
+        if not per:
+            return None
+        out[r["task"]] = np.asarray([envs.normalized_score(r["task"], np.asarray(per[k])) for k in sorted(per, key=int)])
+    return out
+
+
+def compare(a: list[dict] | None, b: list[dict] | None, min_effect: float = 0.0) -> tuple[bool | None, str, dict]:
+    """"a beats b" from the per-episode scores, with rliable: the difference of the mean normalised
+    score over tasks, its 95% stratified-bootstrap CI (runs = seed x episode, paired: both were
+    evaluated on the same episode starts), the probability of improvement with its CI. Decided
+    (True/False) when the CI excludes 0 and |difference| > `min_effect`, else None."""
+    from mdt_jax import report
+
     if a is None or b is None:
-        return None, "not run"
-    (ma, sa), (mb, sb) = score(a), score(b)
-    se = float(np.hypot(sa, sb))
-    sa_, sb_ = seed_scores(a), seed_scores(b)
-    paired = [sa_[s] - sb_[s] for s in sa_ if s in sb_]
-    if len(paired) >= 2:
-        se = max(se, float(np.std(paired, ddof=1) / np.sqrt(len(paired))))
-    d = ma - mb
-    verdict = None if abs(d) <= max(Z * se, min_effect) else bool(d > 0)
-    return verdict, f"{ma:.2f} vs {mb:.2f} (difference {d:+.2f} ± {se:.2f} s.e.)"
+        return None, "not run", {}
+    sa, sb = episode_scores(a), episode_scores(b)
+    if sa is None or sb is None:
+        return None, "no per-episode scores", {}
+    paired = all(sa[t].shape == sb[t].shape for t in sa)
+    c = report.compare(sa, sb, paired=paired, reps=BOOTSTRAP["reps"], seed=BOOTSTRAP["seed"], min_effect=min_effect)
+    lo, hi = c["diff_ci"]
+    plo, phi = c["poi_ci"]
+    text = (f"{c['a_point']:.2f} vs {c['b_point']:.2f} (difference {c['diff']:+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}]; "
+            f"P(improvement) {c['poi']:.2f} [{plo:.2f}, {phi:.2f}])")
+    stats = {"difference": c["diff"], "ci": [lo, hi], "half_width": (hi - lo) / 2,
+             "probability_of_improvement": c["poi"], "poi_ci": [plo, phi], "paired": paired}
+    return c["decided"], text, stats
 
 
 def best_of_grid(rows: list[dict], tasks, method: str) -> list[dict] | None:
-    """The P3 grid point with the best mean normalized score (chosen on the evaluation episodes)."""
-    coeffs = {json.dumps(r.get("coefficients"), sort_keys=True) for r in rows
-              if r["pipeline"] == "p3" and r["method"] == method}
-    cands = [_pick(rows, tasks, pipeline="p3", method=method, coefficients=json.loads(c)) for c in sorted(coeffs)]
-    cands = [c for c in cands if c]
-    return max(cands, key=lambda c: score(c)[0]) if cands else None
+    """The P3 grid's best (per seed chosen on the selection episodes), its report-episode rows."""
+    return _pick(rows, tasks, pipeline="p3_best", method=method)
 
 
 def claims(rows: list[dict], tasks: list[str], min_effect: float = 0.0) -> dict:
-    """C1..C6 from pooled rows. Scores are D4RL-normalized, averaged over tasks; `supported` is
-    True/False when the difference exceeds both 2 standard errors (episodes x seeds pooled) and
-    `min_effect` normalized points in the claimed / opposite direction, else None."""
+    """C1..C6 from pooled rows, each with the difference of mean D4RL-referenced normalised scores
+    over tasks, its 95% stratified-bootstrap CI over seeds x episodes (rliable, paired on the
+    shared episode starts) and the probability of improvement; `supported` is True/False when the
+    CI excludes 0 and |difference| > `min_effect` in the claimed / opposite direction, else None."""
     get = lambda **m: _pick(rows, tasks, **m)
-    cmp = lambda a, b: compare(a, b, min_effect)
     rnd = get(pipeline="baseline", model="random")
     p1 = {(s, m, sub): get(pipeline="p1", model=f"dt_{s}", method=m, subset=sub)
           for s in SETS for m in ("average", "fisher") for sub in P1_SUBSETS.values()}
@@ -371,48 +423,53 @@ def claims(rows: list[dict], tasks: list[str], min_effect: float = 0.0) -> dict:
     pre = get(pipeline="multi", model="mt", method="pre")
     out = {}
 
+    def claim(key, a, b, what, more=""):
+        v, e, st = compare(a, b, min_effect)
+        out[key] = {"supported": v, "evidence": f"{what}: {e}{more}.", **st}
+        return v, e
+
     # C1: the common-init attn+mlp average (the paper's merge) works: better than a random policy
     merged = p1["common", "average", "attn+mlp"]
-    v, e = cmp(merged, rnd)
     extra = ""
     if merged and unmerged["common"] and rnd:
         m, u, r0 = score(merged)[0], score(unmerged["common"])[0], score(rnd)[0]
         frac = (m - r0) / (u - r0) if abs(u - r0) > 1e-9 else float("nan")
         extra = (f"; the unmerged DTs score {u:.2f}, so the merge keeps {frac:.0%} of their gain over random"
                  if np.isfinite(frac) else "")
-    out["C1"] = {"supported": v, "evidence": f"P1 common-init attn+mlp average vs uniform-random policy, mean "
-                                             f"normalized score over {', '.join(tasks)}: {e}{extra}."}
-    # C2: common init merges better than independent inits
-    v, e = cmp(merged, p1["independent", "average", "attn+mlp"])
-    vf, ef = cmp(p1["common", "fisher", "attn+mlp"], p1["independent", "fisher", "attn+mlp"])
-    out["C2"] = {"supported": v, "evidence": f"P1 attn+mlp average, common vs independent init: {e} "
-                                             f"(Fisher merge: {ef})."}
+    claim("C1", merged, rnd, "P1 common-init attn+mlp average vs uniform-random policy, mean normalized score "
+          f"over {', '.join(tasks)}", extra)
+    # C2: a common (pre-trained, the paper's way) init merges better than independent inits; the
+    # shared-random-seed "common" init is its own row
+    pre_set = "pretrained" if p1["pretrained", "average", "attn+mlp"] else "common"
+    _, ef = compare(p1[pre_set, "fisher", "attn+mlp"], p1["independent", "fisher", "attn+mlp"], min_effect)[:2]
+    claim("C2", p1[pre_set, "average", "attn+mlp"], p1["independent", "average", "attn+mlp"],
+          f"P1 attn+mlp average, {pre_set} init vs independent inits", f" (Fisher merge: {ef})")
+    claim("C2_shared_seed", merged, p1["independent", "average", "attn+mlp"],
+          "P1 attn+mlp average, a shared random init (one init seed) vs independent inits")
     # C3: more capacity merges better (both common init)
-    v, e = cmp(p1["large", "average", "attn+mlp"], merged)
     u = "" if not (unmerged["large"] and unmerged["common"]) else \
         f" (unmerged: {compare(unmerged['large'], unmerged['common'])[1]})"
-    out["C3"] = {"supported": v, "evidence": f"P1 common-init attn+mlp average, large vs small model: {e}{u}."}
+    claim("C3", p1["large", "average", "attn+mlp"], merged, "P1 common-init attn+mlp average, large vs small model", u)
     # C4: Fisher beats a uniform average
-    v, e = cmp(p1["common", "fisher", "attn+mlp"], merged)
-    v2, e2 = cmp(get(pipeline="p2", method="fisher"), get(pipeline="p2", method="average"))
-    vi, ei = cmp(p1["independent", "fisher", "attn+mlp"], p1["independent", "average", "attn+mlp"])
-    out["C4"] = {"supported": v, "evidence": f"P1 common init attn+mlp, Fisher vs average: {e}; independent "
-                                             f"inits: {ei}; P2 Fisher vs average: {e2}."}
+    e2 = compare(get(pipeline="p2", method="fisher"), get(pipeline="p2", method="average"), min_effect)[1]
+    ei = compare(p1["independent", "fisher", "attn+mlp"], p1["independent", "average", "attn+mlp"], min_effect)[1]
+    claim("C4", p1["common", "fisher", "attn+mlp"], merged, "P1 common init attn+mlp, Fisher vs average",
+          f"; independent inits: {ei}; P2 Fisher vs average: {e2}")
     # C5: the subset matters: attn+mlp (each task keeps its own LayerNorms) vs every block param (LNs too)
-    v, e = cmp(merged, p1["common", "average", "blocks"])
-    out["C5"] = {"supported": v, "evidence": "P1 common init average, merging attn+mlp (own LayerNorms kept) vs "
-                                             f"all block params incl. LayerNorms: {e}."}
+    claim("C5", merged, p1["common", "average", "blocks"], "P1 common init average, merging attn+mlp (own "
+          "LayerNorms kept) vs all block params incl. LayerNorms")
     # C6: merging per-task finetunes of the multi-task DT improves it
-    v, e = cmp(get(pipeline="p2", method="average"), pre)
     bests = []
     for name in ("lerp", "task_arithmetic", "ties", "dare_ta"):
         b = best_of_grid(rows, tasks, name)
         if b and pre:
-            bests.append(f"{name} best {b[0].get('coefficients')}: {compare(b, pre)[1]}")
-    out["C6"] = {"supported": v, "evidence": f"P2 average of the finetunes vs the multi-task DT before finetuning: "
-                                             f"{e}. P3 grid bests (chosen on these episodes, so optimistic): "
-                                             + ("; ".join(bests) or "not run") + "."}
-    rule = f" Scores: mean D4RL-normalized score over tasks; decided when |difference| > max(2 s.e., {min_effect:g})."
+            bests.append(f"{name} best {b[0].get('selected_coefficients')}: {compare(b, pre)[1]}")
+    claim("C6", get(pipeline="p2", method="average"), pre, "P2 average of the finetunes vs the multi-task DT "
+          "before finetuning", ". P3 grid bests (chosen on the selection episodes, reported on the report "
+          "episodes): " + ("; ".join(bests) or "not run"))
+    rule = (f" Scores: mean D4RL-referenced normalized score over tasks; 95% stratified bootstrap CI over "
+            f"seeds x episodes (rliable, {BOOTSTRAP['reps']} resamples); decided when the CI excludes 0 and "
+            f"|difference| > {min_effect:g}.")
     return {k: v | {"evidence": v["evidence"] + rule} for k, v in out.items()}
 
 
@@ -423,7 +480,7 @@ def labelled(rows: list[dict], tasks) -> list[tuple[str, list[dict]]]:
     out = []
     seen = []
     for r in rows:
-        if r["pipeline"] == "p3" or not r.get("own_task", True):
+        if r["pipeline"] in ("p3", "p3_best") or not r.get("own_task", True):
             continue
         if r["pipeline"] == "multi" and r["model"].startswith("ft["):
             key = ("multi", "ft", "finetuned", None)
@@ -448,8 +505,8 @@ def labelled(rows: list[dict], tasks) -> list[tuple[str, list[dict]]]:
     for name in ("lerp", "task_arithmetic", "ties", "dare_ta"):
         b = best_of_grid(rows, tasks, name)
         if b:
-            c = ", ".join(f"{k}={v:g}" for k, v in b[0]["coefficients"].items())
-            out.append((f"P3 {name} best ({c})", b))
+            c = ", ".join(f"{k}={v:g}" for k, v in (b[0].get("selected_coefficients") or {}).items())
+            out.append((f"P3 {name} best (held-out choice; seed {b[0]['seeds'][0]}: {c})", b))
     return out
 
 
@@ -465,26 +522,53 @@ def _rank(r: dict) -> tuple:
     return (pipe, 0 if model == "mt" else 1, methods.index(r["method"]) if r["method"] in methods else 0)
 
 
-def results_markdown(rows: list[dict], tasks, claim: dict, note: str = "") -> str:
+def interval_table(rows: list[dict], tasks) -> dict:
+    """rliable interval estimates (mean, IQM, median with 95% stratified bootstrap CIs over seeds x
+    episodes) of every labelled model/method, per task and over tasks (`report.interval_estimates`)."""
+    from mdt_jax import report
+
+    scores = {}
+    for label, got in labelled(rows, tasks):
+        sc = episode_scores(got)
+        if sc is not None and len({v.shape for v in sc.values()}) == 1:
+            scores[label] = sc
+    if not scores:
+        return {}
+    return report.interval_estimates(scores, tasks=list(tasks), reps=BOOTSTRAP["reps"], seed=BOOTSTRAP["seed"])
+
+
+def results_markdown(rows: list[dict], tasks, claim: dict, note: str = "", estimates: dict | None = None) -> str:
     head = ["model / method"] + [f"{t}: return/target" for t in tasks] + [f"{t}: normalized" for t in tasks] + \
-        ["mean normalized"]
+        ["mean normalized [95% CI]", "IQM [95% CI]", "mean v5-normalized"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, got in labelled(rows, tasks):
         cells = [f"{r['return_over_target']:.3f} ± {r['return_over_target_std']:.3f}" for r in got]
         cells += [f"{r['normalized']:.1f} ± {r['normalized_std']:.1f}" for r in got]
         m, se = score(got)
-        lines.append("| " + " | ".join([label] + cells + [f"{m:.1f} ± {se:.1f}"]) + " |")
+        e = (estimates or {}).get("methods", {}).get(label)
+        ci = lambda k: f"{e['all'][k]['point']:.1f} [{e['all'][k]['ci'][0]:.1f}, {e['all'][k]['ci'][1]:.1f}]" if e else "-"
+        v5 = float(np.mean([r.get("v5_normalized", np.nan) for r in got]))
+        lines.append("| " + " | ".join([label] + cells + [ci("mean"), ci("iqm"), f"{v5:.1f}"]) + " |")
     eps = sorted({r["episodes"] for r in rows})
     seeds = sorted({s for r in rows for s in r["seeds"]})
     lines.append("")
-    lines.append(f"Mean ± std over {eps} episodes pooled over seeds {seeds}; the last column is the mean over "
-                 "tasks ± its standard error. Normalized: D4RL's 100 (R - random) / (expert - random)." + note)
-    lines += ["", "| claim | supported | evidence |", "|---|---|---|"]
-    lines += [f"| {k} | {v['supported']} | {v['evidence']} |" for k, v in claim.items()]
+    lines.append(f"Per task: mean ± std over {eps} episodes pooled over seeds {seeds}. Mean and IQM over tasks "
+                 "with 95% stratified bootstrap CIs over seeds x episodes (rliable). Normalized: "
+                 "D4RL-referenced, 100 (R - random) / (expert - random) with D4RL's gym-v2 reference returns; "
+                 "v5-normalized: the same with Gymnasium-v5 reference returns measured here "
+                 "(mdt_jax/envs/v5_reference.json: uniform-random policy and the committed expert). P3 bests: "
+                 "chosen per seed on selection episodes (disjoint reset seeds), reported on the report "
+                 "episodes." + note)
+    lines += ["", "| claim | supported | difference [95% CI] | P(improvement) [95% CI] | evidence |",
+              "|---|---|---|---|---|"]
+    for k, v in claim.items():
+        d = f"{v['difference']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]" if "ci" in v else "-"
+        p = f"{v['probability_of_improvement']:.2f} [{v['poi_ci'][0]:.2f}, {v['poi_ci'][1]:.2f}]" if "ci" in v else "-"
+        lines.append(f"| {k} | {v['supported']} | {d} | {p} | {v['evidence']} |")
     return "\n".join(lines)
 
 
-def write_figures(rows: list[dict], tasks, workdir: str) -> list[str]:
+def write_figures(rows: list[dict], tasks, workdir: str, estimates: dict | None = None) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -523,6 +607,20 @@ def write_figures(rows: list[dict], tasks, workdir: str) -> list[str]:
     paths.append(os.path.join(workdir, "results_lerp.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    from mdt_jax import report
+
+    if estimates:
+        paths.append(report.plot_intervals(estimates, os.path.join(workdir, "results_intervals.png"), overwrite=True))
+        scores = {label: episode_scores(got) for label, got in groups if label in estimates["methods"]}
+        paths.append(report.plot_profile(scores, os.path.join(workdir, "results_profile.png"), tasks=list(tasks),
+                                         reps=BOOTSTRAP["reps"], overwrite=True))
+    ps = sorted({r["coefficients"]["p"] for r in lerp})
+    curve = [_pick(rows, tasks, pipeline="p3", method="lerp", coefficients={"p": p}) for p in ps]
+    if ps and all(curve):
+        paths.append(report.plot_curve(ps, [{"P3 lerp": episode_scores(c)} for c in curve],
+                                       os.path.join(workdir, "results_lerp_ci.png"), tasks=list(tasks),
+                                       reps=BOOTSTRAP["reps"], xlabel="p (multi-task DT -> P2 average)",
+                                       overwrite=True))
     return paths
 
 
@@ -558,7 +656,9 @@ def reproduce(config, workdir: str) -> str:
         per_seed += _stage(os.path.join(workdir, f"seed_{s}"), "rows",
                            lambda: run_seed(config, workdir, tasks, data, s, pretrained))
     rows = pool_rows(per_seed)
+    BOOTSTRAP["reps"] = int(config.get("bootstrap_reps", 2000))
     claim = claims(rows, tasks, config.claims_min_effect)
+    estimates = interval_table(rows, tasks)
     from mdt_jax.data import load_d4rl_hdf5
     behaviour = {}
     for t in tasks:
@@ -567,12 +667,18 @@ def reproduce(config, workdir: str) -> str:
                         "quality": config.data.quality}
     note = " Dataset returns (behaviour): " + ", ".join(f"{t} {b['return_mean']:.1f} ({b['normalized']:.1f})"
                                                        for t, b in behaviour.items()) + "."
-    table = results_markdown(rows, tasks, claim, note)
+    table = results_markdown(rows, tasks, claim, note, estimates)
     write_json_atomic(os.path.join(workdir, "results.json"),
-                      {"rows": rows, "claims": claim, "tasks": tasks, "seeds": seeds, "datasets": behaviour,
+                      {"rows": rows, "claims": claim, "estimates": estimates, "tasks": tasks, "seeds": seeds,
+                       "selection": {"report_seeds": seeds,
+                                     "select_seeds": [select_seeds(config, x) for x in seeds],
+                                     "rule": "P3 bests are chosen per seed on the selection episodes (reset "
+                                             "seed select_seeds[i]) and reported on the report episodes "
+                                             "(reset seed seeds[i])"},
+                       "datasets": behaviour,
                        "per_seed_rows": per_seed, "config": _plain(config)})
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
-    figs = write_figures(rows, tasks, workdir)
+    figs = write_figures(rows, tasks, workdir, estimates)
     _log(f"done in {time.perf_counter() - t0:.0f} s: results.json, results.md, {', '.join(map(os.path.basename, figs))}")
     return table

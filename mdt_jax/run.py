@@ -447,13 +447,28 @@ def merge_from_config(config, workdir: str) -> str:
                                     ties_lams=_floats(config.ties_lams), dare_ps=_floats(config.dare_ps),
                                     rng=jax.random.key(config.seed), subset=subset)
             record["p3_best"] = {}
+            select_seed = int(config.get("select_seed", -1))
+            if select_seed == config.seed:
+                raise ValueError(f"config.select_seed: {select_seed} is the report seed (config.seed); selection "
+                                 "episodes must have reset seeds disjoint from the reported ones")
+            sel_config = config.copy_and_resolve_references()
+            with sel_config.unlocked():
+                sel_config.seed = select_seed
             for name, (cands, grid) in grids.items():
                 grid_rows = _stage(workdir, f"eval_p3_{name}", lambda: _evaluate_rows(
                     cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 rows += grid_rows
-                means = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == c]) for c in grid]
+                chosen_on = grid_rows
+                if select_seed >= 0:  # choose on held-out selection episodes, report on config.seed's
+                    chosen_on = _stage(workdir, f"select_p3_{name}", lambda: _evaluate_rows(
+                        cfg, cands, meta, sel_config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
+                means = [np.mean([r["normalized"] for r in chosen_on if r["coefficients"] == c]) for c in grid]
                 best = int(np.argmax(means))
-                record["p3_best"][name] = {"coefficients": grid[best], "normalized_mean": float(means[best])}
+                report = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == grid[best]])]
+                record["p3_best"][name] = {"coefficients": grid[best], "selection_normalized_mean": float(means[best]),
+                                           "report_normalized_mean": float(report[0]),
+                                           "chosen_on_seed": select_seed if select_seed >= 0 else config.seed,
+                                           "reported_on_seed": config.seed}
                 _save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
                            meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
     write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})

@@ -30,7 +30,9 @@ def tiny_config(tasks="hopper,walker2d"):
     c.p1_finetune.num_steps = 10
     c.fisher.num_batches, c.fisher.batch_size = 2, 16
     c.merge.lerp_ps, c.merge.ta_lams, c.merge.ties_ks, c.merge.dare_ps = "0,1", "1", "0.5", "0.3"
-    c.eval.episodes, c.eval.max_steps = 2, 50
+    c.eval.episodes, c.eval.max_steps, c.eval.select_seeds = 2, 50, "1000"
+    c.pretrain.transitions, c.pretrain.num_steps, c.pretrain.batch_size = 2000, 20, 16
+    c.bootstrap_reps = 200
     return c
 
 
@@ -61,19 +63,31 @@ def test_results_schema_tables_and_figures(tiny_run):
             ("p1", "average+finetune"), ("multi", "pre"), ("multi", "finetuned"), ("p2", "average"),
             ("p2", "fisher"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
     assert want <= got, want - got
-    assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_large"}
+    assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_pretrained",
+                                                                    "dt_large"}
+    # P3 bests chosen on the selection episodes, reported on the report episodes
+    best = [r for r in rows if r["pipeline"] == "p3_best"]
+    assert {r["method"] for r in best} == {"lerp", "task_arithmetic", "ties", "dare_ta"}
+    assert all(r["selection"] == {"chosen_on_seed": 1000, "reported_on_seed": 0} for r in best)
+    assert res["selection"]["select_seeds"] == [1000] and res["selection"]["report_seeds"] == [0]
+    assert all(r["checkpoint_mode"] == "last" for r in rows if r["pipeline"] != "baseline")
+    assert all(len(r["per_seed_returns"]["0"]) == 2 and np.isfinite(r["v5_normalized"]) for r in rows)
+    assert res["estimates"]["methods"] and all("iqm" in m["all"] for m in res["estimates"]["methods"].values())
     assert {r.get("subset") for r in rows if r["pipeline"] == "p1"} == {"attn+mlp", "blocks"}
     # every (model, method, task) appears once, and every model on every task
     keys = [R._key(r) for r in rows]
     assert len(keys) == len(set(keys))
-    assert set(res["claims"]) == {f"C{i}" for i in range(1, 7)}
+    assert set(res["claims"]) == {f"C{i}" for i in range(1, 7)} | {"C2_shared_seed"}
     for c in res["claims"].values():
         assert c["supported"] in (True, False, None) and isinstance(c["evidence"], str) and c["evidence"].strip()
+        assert c["ci"][0] <= c["difference"] <= c["ci"][1] and 0 <= c["probability_of_improvement"] <= 1
+    assert "pretrained init vs independent" in res["claims"]["C2"]["evidence"]
     assert "not run" not in res["claims"]["C3"]["evidence"]
     with open(os.path.join(workdir, "results.md")) as f:
         md = f.read()
     assert md.strip() == table.strip() and "| random policy |" in md and "| C6 |" in md
-    for name in ("results_bars.png", "results_lerp.png"):
+    for name in ("results_bars.png", "results_lerp.png", "results_intervals.png", "results_profile.png",
+                 "results_lerp_ci.png"):
         path = os.path.join(workdir, name)
         assert _is_png(path) and os.path.getsize(path) > 5000
         import matplotlib.image
@@ -100,7 +114,14 @@ def test_common_init_shares_the_trunk_and_merges_are_finite(tiny_run):
     assert dist(*common) < 0.5 * dist(*indep)
     merged_dirs = [os.path.join(d, m) for d in sorted(os.listdir(sdir)) if d.startswith(("p1_", "p2_", "p3"))
                    for m in os.listdir(os.path.join(sdir, d)) if m.startswith(("merged", "p3_"))]
-    assert len(merged_dirs) >= 7 * 2 + 1 + 4
+    assert len(merged_dirs) >= 9 * 2 + 1 + 4
+    # the pretrained set starts from the pretrained multi-task DT's trunk
+    pre = checkpoint.load(os.path.join(workdir, "pretrain", "mt", "model"))[1]
+    meta = checkpoint.load(os.path.join(sdir, "dt_pretrained_hopper", "model"))[2]
+    assert meta["init_trunk_from"] == os.path.join(os.path.abspath(workdir), "pretrain", "mt", "model")
+    from mdt_jax.run import trunk_from_checkpoint
+    start = trunk_from_checkpoint(cfgs[0], init_params_for_seed(cfgs[0], 0), os.path.join(workdir, "pretrain", "mt", "model"))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(trunk(start)), jax.tree.leaves(trunk(pre))))
     for rel in merged_dirs:
         params = checkpoint.load(os.path.join(sdir, rel))[1]
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), rel
@@ -132,20 +153,53 @@ def test_rerun_is_a_cache_hit(tiny_run):
 
 
 def test_claims_follow_the_numbers():
+    from mdt_jax import envs
+
+    rng = np.random.default_rng(0)
+
     def rows(pipeline, model, method, scores, std=1.0, subset=None):
-        return [{"pipeline": pipeline, "model": model, "method": method, "subset": subset, "task": t,
-                 "normalized": s, "normalized_std": std, "episodes": 100} for t, s in zip(("hopper", "walker2d"), scores)]
+        out = []
+        for t, s in zip(("hopper", "walker2d"), scores):
+            task = envs.get_task(t)
+            ret = task.random_score + (s + std * rng.normal(size=(2, 50))) / 100 * (task.expert_score - task.random_score)
+            out.append({"pipeline": pipeline, "model": model, "method": method, "subset": subset, "task": t,
+                        "normalized": s, "normalized_std": std, "episodes": 100,
+                        "per_seed_returns": {"0": ret[0].tolist(), "1": ret[1].tolist()}})
+        return out
+    R.BOOTSTRAP["reps"] = 200
     base = rows("baseline", "random", "uniform", [1, 1]) + rows("multi", "mt", "pre", [20, 20])
     good = base + rows("p1", "dt_common", "average", [30, 30], subset="attn+mlp") + \
         rows("p1", "dt_independent", "average", [5, 5], subset="attn+mlp") + \
-        rows("p2", "mt_finetunes", "average", [19.9, 20.1])
+        rows("p2", "mt_finetunes", "average", [19.9, 20.1], std=5.0)
     c = R.claims(good, ["hopper", "walker2d"], min_effect=0.5)
     assert c["C1"]["supported"] is True and c["C2"]["supported"] is True
-    assert c["C6"]["supported"] is None and c["C3"]["supported"] is None and "not run" in c["C3"]["evidence"]
+    assert c["C2"]["ci"][0] > 20 and c["C1"]["probability_of_improvement"] > 0.99
+    assert c["C6"]["supported"] is None and c["C6"]["ci"][0] < 0 < c["C6"]["ci"][1]
+    assert c["C3"]["supported"] is None and "not run" in c["C3"]["evidence"]
     bad = base + rows("p1", "dt_common", "average", [0, 0], subset="attn+mlp") + \
         rows("p1", "dt_independent", "average", [5, 5], subset="attn+mlp")
     c = R.claims(bad, ["hopper", "walker2d"])
     assert c["C1"]["supported"] is False and c["C2"]["supported"] is False
+    # an effect inside the CI's reach but below claims_min_effect stays undecided
+    c = R.claims(good, ["hopper", "walker2d"], min_effect=50.0)
+    assert c["C1"]["supported"] is None
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("eval.select_seeds", "", "select_seeds: empty"),
+    ("eval.select_seeds", "0,1001", "also report seeds"),
+    ("bootstrap_reps", 50, "bootstrap_reps"),
+    ("claims_min_effect", -1.0, "claims_min_effect"),
+])
+def test_study_bad_selection_and_statistics_settings(tmp_path, field, value, needle):
+    c = tiny_config()
+    c.seeds = "0,1"
+    c.eval.select_seeds = "1000,1001"
+    node, _, leaf = field.rpartition(".")
+    (c.eval if node else c)[leaf] = value
+    with pytest.raises(ValueError, match=needle):
+        R.reproduce(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "results.json")
 
 
 def test_unknown_task_is_a_clear_error(tmp_path):
