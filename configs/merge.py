@@ -7,6 +7,10 @@
     python -m launch.merge --config=configs/merge.py --config.pipeline=p2 --config.method=fisher \
         --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model \
         --config.fishers=runs/fisher_hopper,runs/fisher_walker2d --workdir=runs/p2
+    # P2 with EMR-Merging: one unified trunk task vector against the base, a mask and a rescaler per task;
+    # writes WORKDIR/emr (mdt_jax.emr.load_task_models rebuilds the task models from it and the base)
+    python -m launch.merge --config=configs/merge.py --config.pipeline=p2 --config.method=emr \
+        --config.base=runs/mt/model --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model --workdir=runs/emr
     # P3: lerp / task arithmetic / TIES / DARE grids between the multi-task model (base) and finetunes
     python -m launch.merge --config=configs/merge.py --config.pipeline=p3 --config.base=runs/mt/model \
         --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model --workdir=runs/p3
@@ -23,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "p1"
     c.checkpoints = ""        # comma-separated model folders
-    c.base = ""               # P3 (and task-vector methods): the multi-task model before finetuning
+    c.base = ""               # P3 and P2 emr (task-vector methods): the multi-task model before finetuning
     c.fishers = ""            # comma-separated Fisher folders aligned with checkpoints (method=fisher)
-    c.method = "average"      # P1/P2: average | fisher
+    c.method = "average"      # P1/P2: average | fisher; P2 also emr (needs base; each task runs its own trunk)
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
     # fisher: unset = the reference's formula, guarded only where it divides by zero (the plain

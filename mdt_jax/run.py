@@ -364,15 +364,42 @@ def _evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None
     return rows
 
 
+def _merge_emr(config, workdir: str, cfg, order: list, meta: dict, record: dict, subset: str) -> list[dict]:
+    """P2 with EMR-Merging (`mdt_jax.emr`): elect against `config.base`, save WORKDIR/emr (the
+    unified vector, masks, rescalers and the base's path), evaluate each task with its own model."""
+    from mdt_jax import emr as E, evaluate as ev, merge as M
+
+    base_cfg, base, _ = checkpoint.load(config.base)
+    if base_cfg != cfg:
+        raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
+    names = [f"finetune[{t}]" for t in cfg.task_names]
+    emr = E.emr_elect(base, M.stack(order, names), subset=subset, names=names)
+    record |= {"base": os.path.abspath(config.base), "rescalers": np.asarray(emr.rescalers).tolist(),
+               "merged_fraction": M.merged_fraction(base, subset)}
+    meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {"kind": "multi_task_emr",
+                                                                                      "merge": record}
+    out = os.path.join(workdir, "emr")
+    if not os.path.exists(os.path.join(out, E.META_FILE)):
+        E.save_emr(out, emr, base=config.base, config=cfg, names=list(cfg.task_names), subset=subset,
+                   metadata=meta_out)
+    stats = {t: ev.stats_from_metadata(meta, t) for t in cfg.task_names}
+    return _stage(workdir, "eval_p2_emr", lambda: E.evaluate_task_models(
+        cfg, E.emr_stack(base, emr), stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
+        seed=config.seed, executor=config.eval.executor, extra={"model": "p2_emr", "checkpoint": out}))
+
+
 def merge_from_config(config, workdir: str) -> str:
     """Run configs/merge.py: P1, P2 or P3 over trained checkpoints; evaluate; write merge.json."""
     from mdt_jax import merge as M, pipelines as P
 
     if config.pipeline not in ("p1", "p2", "p3"):
         raise ValueError(f"config.pipeline: unknown {config.pipeline!r}; choose p1, p2 or p3")
-    if config.method not in ("average", "fisher"):
+    if config.method not in ("average", "fisher") and not (config.method == "emr" and config.pipeline == "p2"):
         raise ValueError(f"config.method: unknown merge method {config.method!r} for {config.pipeline}; "
-                         "choose average or fisher (task arithmetic, TIES and DARE run as P3 grids)")
+                         "choose average or fisher (task arithmetic, TIES and DARE run as P3 grids; "
+                         "emr with pipeline p2)")
+    if config.method == "emr" and not config.base:
+        raise ValueError("config.base: method=emr needs the multi-task model before finetuning (the base)")
     paths = split_list(config.checkpoints)
     if len(paths) < 2:
         raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
@@ -423,13 +450,16 @@ def merge_from_config(config, workdir: str) -> str:
         meta = by_task[cfg.task_names[0]][1]
         if fishers is not None:
             fishers = [fishers[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
-        merged = P.p2_merge(cfg, order, config.method, fishers, subset=subset, **coeffs)
-        record["merged_fraction"] = M.merged_fraction(merged, subset)
-        meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {"kind": "multi_task_merged",
-                                                                                          "merge": record}
-        out = _save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
-        rows += _stage(workdir, "eval_p2", lambda: _evaluate_rows(
-            cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
+        if config.method == "emr":  # one unified trunk task vector; task t runs base + lambda_t M_t tau_uni
+            rows += _merge_emr(config, workdir, cfg, order, meta, record, subset)
+        else:
+            merged = P.p2_merge(cfg, order, config.method, fishers, subset=subset, **coeffs)
+            record["merged_fraction"] = M.merged_fraction(merged, subset)
+            meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
+                "kind": "multi_task_merged", "merge": record}
+            out = _save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
+            rows += _stage(workdir, "eval_p2", lambda: _evaluate_rows(
+                cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
         for t, p in zip(cfg.task_names, order if config.eval_inputs else ()):
             rows += _stage(workdir, f"eval_finetune_{t}", lambda: _evaluate_rows(
                 cfg, p, meta, config, extra={"model": f"finetune_{t}"}))
