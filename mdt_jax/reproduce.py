@@ -281,6 +281,10 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     for r in _merge(config, os.path.join(sdir, "p2_fisher"), seed, pipeline="p2", method="fisher",
                     checkpoints=",".join(fts), fishers=",".join(ft_fishers), eval_inputs=False):
         rows += _tag([r], seed, pipeline="p2", model="mt_finetunes", method="fisher")
+    # beyond the paper: EMR (a unified task vector, a mask and a rescaler per task) on the P2 finetunes
+    for r in _merge(config, os.path.join(sdir, "p2_emr"), seed, pipeline="p2", method="emr", base=mt,
+                    checkpoints=",".join(fts), eval_inputs=False):
+        rows += _tag([r], seed, pipeline="beyond", model="mt_finetunes", method="emr")
     rows += _tag(_stage(sdir, "random", lambda: random_policy_rows(
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")
@@ -467,6 +471,20 @@ def claims(rows: list[dict], tasks: list[str], min_effect: float = 0.0) -> dict:
     claim("C6", get(pipeline="p2", method="average"), pre, "P2 average of the finetunes vs the multi-task DT "
           "before finetuning", ". P3 grid bests (chosen on the selection episodes, reported on the report "
           "episodes): " + ("; ".join(bests) or "not run"))
+    # beyond the paper: each method against the paper's merges of the same models
+    beyond_vs = {"emr": [("P2 average", get(pipeline="p2", method="average")),
+                         ("P2 Fisher", get(pipeline="p2", method="fisher"))],
+                 "regmean": [("P1 common average", merged), ("P1 common Fisher", p1["common", "fisher", "attn+mlp"])],
+                 "aligned_average": [("P1 independent average", p1["independent", "average", "attn+mlp"]),
+                                     ("P1 common average", merged)],
+                 "cma_lerp": [("P2 average", get(pipeline="p2", method="average")),
+                              ("P3 lerp best", best_of_grid(rows, tasks, "lerp"))]}
+    for method, refs in beyond_vs.items():
+        got = {r["model"] for r in rows if r["pipeline"] == "beyond" and r["method"] == method}
+        for model in sorted(got):
+            mine = get(pipeline="beyond", method=method, model=model)
+            for name, ref in refs:
+                claim(f"beyond:{method} vs {name}", mine, ref, f"{method} ({model}) vs {name}")
     rule = (f" Scores: mean D4RL-referenced normalized score over tasks; 95% stratified bootstrap CI over "
             f"seeds x episodes (rliable, {BOOTSTRAP['reps']} resamples); decided when the CI excludes 0 and "
             f"|difference| > {min_effect:g}.")
@@ -500,6 +518,8 @@ def labelled(rows: list[dict], tasks) -> list[tuple[str, list[dict]]]:
                 label = f"P1 {r['model'][3:]} {r['method']} [{r['subset']}]"
             elif r["pipeline"] == "p2":
                 label = f"P2 {r['method']}"
+            elif r["pipeline"] == "beyond":
+                label = f"beyond: {r['method']}" + (f" [{r['model'][3:]}]" if r["model"].startswith("dt_") else "")
             out.append((label, got))
     out.sort(key=lambda lg: _rank(lg[1][0]))
     for name in ("lerp", "task_arithmetic", "ties", "dare_ta"):
@@ -512,7 +532,7 @@ def labelled(rows: list[dict], tasks) -> list[tuple[str, list[dict]]]:
 
 def _rank(r: dict) -> tuple:
     """Table order: random; per init set its unmerged DTs then its P1 merges; multi-task; P2."""
-    pipe = ("baseline", "single", "p1", "multi", "p2").index(r["pipeline"])
+    pipe = ("baseline", "single", "p1", "multi", "p2", "beyond").index(r["pipeline"])
     model = r["model"]
     sets = {f"dt_{s}": i for i, s in enumerate(SETS)}
     methods = ("average", "fisher", "average+finetune", "fisher+finetune")
