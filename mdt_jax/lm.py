@@ -342,9 +342,8 @@ def _kmeans(x, key, k: int, tol: float, max_iter: int):
     def body(carry):
         c, _, it = carry
         assign = jnp.argmax(xn @ unit(c).T, axis=1)  # argmin of 1 - cosine
-        onehot = jax.nn.one_hot(assign, k, dtype=x.dtype)
-        counts = onehot.sum(0)
-        means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+        counts = jax.ops.segment_sum(jnp.ones_like(x[:, 0]), assign, k)
+        means = jax.ops.segment_sum(x, assign, k) / jnp.maximum(counts, 1.0)[:, None]
         new = jnp.where(counts[:, None] > 0, means, c)
         shift = jnp.sum(jnp.sqrt(jnp.sum(jnp.square(new - c), axis=1)))
         return new, shift, it + 1

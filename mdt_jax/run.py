@@ -167,6 +167,7 @@ def train_from_config(config, workdir: str) -> str:
     if not (isinstance(config.rtg_scale, (int, float)) and config.rtg_scale > 0):
         raise ValueError(f"config.rtg_scale: must be > 0, got {config.rtg_scale!r}")
     tcfg = train_config(config.train)
+    lm = _lm_options(config)
     init_cfg = params = init_meta = None
     init_seed = config.get("init_seed", -1)
     if not isinstance(init_seed, int) or init_seed < -1:
@@ -175,7 +176,6 @@ def train_from_config(config, workdir: str) -> str:
         if init_seed >= 0:
             raise ValueError("config.init_seed: cannot be combined with config.init_from (the params come from it)")
         init_cfg, params, init_meta = checkpoint.load(config.init_from)
-    lm = _lm_options(config)
     sample = None
     if init_cfg is not None and init_cfg.multi and len(tasks) == 1:  # finetune a multi-task model on one task
         cfg, task = init_cfg, tasks[0]

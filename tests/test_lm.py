@@ -86,9 +86,9 @@ def test_init_trunk_single_and_multi(lms):
         emb = np.asarray(out["embed_timestep"]["embedding"])
         np.testing.assert_array_equal(emb[:P], lm.wpe)  # first n_positions rows, then rows 2: tiled
         np.testing.assert_array_equal(emb[P:], lm.wpe[2:2 + 100 - P])
-        heads = [k for k in fresh if k not in out or k.startswith(("embed_state", "predict", "task_"))]
-        for k in heads:
-            jax.tree.map(np.testing.assert_array_equal, out[k], fresh[k])
+        assert set(out) == set(fresh)
+        for k in set(fresh) - {"ln_f", "embed_timestep"} - {f"block_{i}" for i in range(NL)}:
+            jax.tree.map(np.testing.assert_array_equal, out[k], fresh[k])  # heads and embeddings kept
         kept = L.init_trunk_from_lm(cfg, fresh, lm)
         np.testing.assert_array_equal(kept["embed_timestep"]["embedding"], fresh["embed_timestep"]["embedding"])
 
@@ -99,7 +99,7 @@ def test_size_mismatch_names_the_field(lms, field, value):
     lm = L.import_lm(lms[0] / "st")
     cfg = _cfg(lm, **{field: value})
     with pytest.raises(ValueError, match=("inner_dim" if field == "n_inner" else field)) as e:
-        L.init_trunk_from_lm(cfg, init_params(cfg, jax.random.key(0)), lm)
+        L.init_trunk_from_lm(cfg, {}, lm)  # the config is checked before any param is read
     assert str(value if field != "n_inner" else 40) in str(e.value)
 
 
@@ -275,3 +275,35 @@ def test_launch_train_from_lm(lms, tmp_path):
     r = _launch(tmp_path, junk, tmp_path / "bad")
     assert r.returncode == 2 and "config.init_from_lm" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(hidden_size=32), "hidden_size: DT 32 vs LM 16"),
+    (dict(lm_kmeans=8, init_from_lm=""), "config.lm_kmeans"),
+    (dict(lm_tokens="x.npy", init_from_lm=""), "config.lm_tokens"),
+    (dict(init_from="/some/model"), "config.init_from_lm"),
+    (dict(lm_kmeans=V + 1), "config.lm_kmeans"),
+    (dict(lm_kmeans_const=-1.0), "config.lm_kmeans_const"),
+    (dict(lm_tokens="FLOAT", lm_seq_len=8), "config.lm_tokens"),
+    (dict(lm_tokens="INTS", lm_seq_len=P + 1, lm_timestep_from_wpe=False), "config.lm_seq_len"),
+])
+def test_train_config_errors_write_nothing(lms, tmp_path, overrides, needle):
+    from configs.train import get_config
+    from mdt_jax.run import train_from_config
+
+    save_d4rl_hdf5(make_dataset(n_traj=4), tmp_path / "hopper.hdf5")
+    np.save(tmp_path / "FLOAT.npy", np.zeros(100, np.float32))
+    np.save(tmp_path / "INTS.npy", np.zeros(100, np.int32))
+    c = get_config()
+    c.dataset, c.num_steps, c.init_from_lm = str(tmp_path / "hopper.hdf5"), 2, str(lms[0] / "st")
+    c.model.hidden_size, c.model.n_layer, c.model.n_head, c.model.activation = H, NL, NH, "gelu_new"
+    for k, v in overrides.items():
+        if k == "lm_tokens" and v in ("FLOAT", "INTS"):
+            v = str(tmp_path / f"{v}.npy")
+        if k in c.model:
+            c.model[k] = v
+        else:
+            c[k] = v
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        train_from_config(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
