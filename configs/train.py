@@ -50,6 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.select_episodes = 0
     c.select_seed = 1000
+    # the paper's language initialisation (mdt_jax/lm.py): a transformers save_pretrained GPT-2 LM
+    # folder whose trunk (blocks, ln_f) starts the DT; config.model must match its size
+    c.init_from_lm = ""
+    c.lm_timestep_from_wpe = True  # the reference's --extend_positions: embed_timestep starts from the LM's wpe
+    c.lm_kmeans = 0  # k-means clusters of the LM's wte for the annealed cosine loss (reference: 1000; 0 = off)
+    c.lm_kmeans_const = 0.1  # its weight before annealing (reference --gpt_kmeans_const)
+    c.lm_tokens = ""  # a .npy of token ids to co-train on language modelling ("" = off)
+    c.lm_cotrain_weight = 1.0  # weight of the LM loss (reference --gpt_lm_const)
+    c.lm_batch_size = 2  # token sequences per step (reference: 2)
+    c.lm_seq_len = 1024  # tokens per sequence (reference block_size: 1024)
     c.model = model_config()
     c.train = train_config()
     return c

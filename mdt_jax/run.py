@@ -57,6 +57,87 @@ def _stats_meta(data) -> dict:
     return {"state_mean": np.asarray(data.state_mean).tolist(), "state_std": np.asarray(data.state_std).tolist()}
 
 
+LM_FIELDS = ("init_from_lm", "lm_timestep_from_wpe", "lm_kmeans", "lm_kmeans_const", "lm_tokens", "lm_cotrain_weight",
+             "lm_batch_size", "lm_seq_len")
+
+
+def _lm_options(config):
+    """The LM trunk `config.init_from_lm` names (None when off), after validating every LM field."""
+    from mdt_jax import lm as L
+
+    get = lambda f, d: config.get(f, d)
+    folder, k, tokens = get("init_from_lm", ""), get("lm_kmeans", 0), get("lm_tokens", "")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"config.lm_kmeans: must be an int >= 0 (0 = off), got {k!r}")
+    const, weight = get("lm_kmeans_const", 0.1), get("lm_cotrain_weight", 1.0)
+    for name, v in (("lm_kmeans_const", const), ("lm_cotrain_weight", weight)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"config.{name}: must be a finite number >= 0, got {v!r}")
+    for name in ("lm_batch_size", "lm_seq_len"):
+        v = get(name, 2)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "lm_seq_len" else 1):
+            raise ValueError(f"config.{name}: must be an int >= {2 if name == 'lm_seq_len' else 1}, got {v!r}")
+    if not folder:
+        for name, v in (("lm_kmeans", k), ("lm_tokens", tokens)):
+            if v:
+                raise ValueError(f"config.{name}: needs config.init_from_lm (the LM whose embeddings it uses)")
+        return None
+    if config.init_from:
+        raise ValueError("config.init_from_lm: cannot be combined with config.init_from (both set the params)")
+    try:
+        lm = L.import_lm(folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"config.init_from_lm: {e}") from None
+    if k > lm.wte.shape[0]:
+        raise ValueError(f"config.lm_kmeans: {k} clusters but the LM's vocabulary has {lm.wte.shape[0]} tokens")
+    return lm
+
+
+def _lm_setup(config, cfg, lm, params, init_seed: int, sample, data, tcfg):
+    """(params, sample, data, aux_loss, metadata) for a run that starts from `lm`."""
+    from mdt_jax import lm as L
+    from mdt_jax.train import default_sampler
+
+    try:
+        L.check_fits(cfg, lm)
+    except ValueError as e:
+        raise ValueError(f"config.model / config.init_from_lm: {e}") from None
+    from_wpe = bool(config.get("lm_timestep_from_wpe", True))
+    seq_len, batch = config.lm_seq_len, config.lm_batch_size
+    weight = float(config.lm_cotrain_weight) if config.lm_tokens else 0.0
+    tokens = None
+    if config.lm_tokens:
+        positions = cfg.max_ep_len if from_wpe else lm.wpe.shape[0]
+        if seq_len > positions:
+            raise ValueError(f"config.lm_seq_len: {seq_len} tokens but only {positions} positions "
+                             f"({'config.model.max_ep_len' if from_wpe else 'the LM wpe'})")
+        try:
+            tokens = L.load_tokens(config.lm_tokens, lm.wte.shape[0])
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"config.lm_tokens: {e}") from None
+        if tokens.size < seq_len:
+            raise ValueError(f"config.lm_seq_len: {seq_len} exceeds the {tokens.size} tokens of {config.lm_tokens}")
+    if params is None:
+        params = init_params_for_seed(cfg, init_seed if init_seed >= 0 else int(config.seed))
+    params = L.init_trunk_from_lm(cfg, params, lm, timestep_from_wpe=from_wpe)
+    centroids = L.lm_centroids(lm.wte, config.lm_kmeans, seed=0) if config.lm_kmeans else None
+    if tokens is not None:
+        base = sample or default_sampler(cfg, tcfg)
+        sample = lambda d, key: base(d[0], key) | {
+            "lm_tokens": L.sample_token_windows(d[1], jax.random.fold_in(key, 7), batch, seq_len)}
+        data = (data, jnp.asarray(tokens))
+    aux = None
+    if centroids is not None or weight > 0:
+        aux = L.make_aux_loss(cfg, lm, centroids=centroids, kmeans_const=float(config.lm_kmeans_const),
+                              cotrain_weight=weight, timestep_from_wpe=from_wpe)
+    meta = L.lm_metadata(lm) | {"timestep_from_wpe": from_wpe, "kmeans": int(config.lm_kmeans),
+                                "kmeans_const": float(config.lm_kmeans_const), "kmeans_seed": 0,
+                                "kmeans_horizon": L.KMEANS_HORIZON,
+                                "tokens": os.path.abspath(config.lm_tokens) if config.lm_tokens else "",
+                                "cotrain_weight": weight, "lm_batch_size": batch, "lm_seq_len": seq_len}
+    return params, sample, data, aux, meta
+
+
 def train_from_config(config, workdir: str) -> str:
     """Train a DT as `config` (configs/train.py) says; returns the model folder.
 
@@ -66,7 +147,10 @@ def train_from_config(config, workdir: str) -> str:
     - one task with `init_from` a multi-task checkpoint: that model finetuned on the task (its
       normalisation comes from the checkpoint).
 
-    With `init_from`, the model config is the checkpoint's and `config.model` is not used.
+    With `init_from`, the model config is the checkpoint's and `config.model` is not used. With
+    `init_from_lm`, the trunk starts from that GPT-2 LM (mdt_jax.lm), optionally with the k-means
+    cosine loss (`lm_kmeans`) and LM co-training (`lm_tokens`); the model's metadata records it
+    under ``init_from_lm``.
 
     Resumes from `workdir/checkpoints` when run again with the same config; refuses a workdir that
     holds a different run.
@@ -83,10 +167,13 @@ def train_from_config(config, workdir: str) -> str:
     if not (isinstance(config.rtg_scale, (int, float)) and config.rtg_scale > 0):
         raise ValueError(f"config.rtg_scale: must be > 0, got {config.rtg_scale!r}")
     tcfg = train_config(config.train)
+    lm = _lm_options(config)
     init_cfg = params = init_meta = None
     init_seed = config.get("init_seed", -1)
     if not isinstance(init_seed, int) or init_seed < -1:
         raise ValueError(f"config.init_seed: must be an int >= 0 (or -1: from config.seed), got {init_seed!r}")
+    if config.get("init_from_lm", "") and config.get("init_trunk_from", ""):
+        raise ValueError("config.init_trunk_from: cannot be combined with config.init_from_lm (both set the trunk)")
     if config.init_from and config.get("init_trunk_from", ""):
         raise ValueError("config.init_trunk_from: cannot be combined with config.init_from (the params come from it)")
     if config.init_from:
@@ -122,24 +209,33 @@ def train_from_config(config, workdir: str) -> str:
                              f"{(cfg.state_dim, cfg.act_dim)}, but task {tasks[0]!r} needs {(state_dim, act_dim)}")
         data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
         meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
+    aux = None
+    if lm is not None:
+        params, sample, data, aux, meta["init_from_lm"] = _lm_setup(config, cfg, lm, params, init_seed, sample, data,
+                                                                    tcfg)
+    rows = jax.eval_shape(sample or default_sampler(cfg, tcfg), data, jax.random.key(0))["mask"].shape[0]
+    mesh = sharding.mesh_for(rows, config.get("mesh_devices", 0))
+    if mesh is not None and config.get("lm_tokens", "") and config.lm_batch_size % mesh.size:
+        raise ValueError(f"config.lm_batch_size: {config.lm_batch_size} does not divide over {mesh.size} devices")
     model_dir = os.path.join(workdir, "model")
     on_eval, eval_every = _best_keeper(config, cfg, meta, data, workdir, tasks)
-    # the device count is not part of the run: a run may resume on other devices
-    run_config_guard(workdir, {k: v for k, v in _plain(config).items() if k != "mesh_devices"})
+    # the device count is not part of the run: a run may resume on other devices; the LM fields
+    # are left out when off, so workdirs made before they existed still resume
+    run_config_guard(workdir, {k: v for k, v in _plain(config).items()
+                               if k != "mesh_devices" and not (k in LM_FIELDS and lm is None)})
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
         print(f"already trained: {model_dir}")
         return model_dir
-    if init_seed >= 0:
+    if init_seed >= 0 and lm is None:
         params = init_params_for_seed(cfg, init_seed)
     if config.get("init_trunk_from", ""):
         base = params if params is not None else init_params_for_seed(cfg, int(config.seed))
         params = trunk_from_checkpoint(cfg, base, config.init_trunk_from)
         meta |= {"init_trunk_from": os.path.abspath(config.init_trunk_from)}
-    rows = jax.eval_shape(sample or default_sampler(cfg, tcfg), data, jax.random.key(0))["mask"].shape[0]
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every, sample=sample, desc=f"train {config.task}",
-                mesh=sharding.mesh_for(rows, config.get("mesh_devices", 0)), eval_every=eval_every, on_eval=on_eval)
+                log_every=config.log_every, sample=sample, desc=f"train {config.task}", mesh=mesh, aux_loss=aux,
+                eval_every=eval_every, on_eval=on_eval)
     meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
              "seed": int(config.seed), "init_seed": int(init_seed), "train": _plain(config.train)}
     params = jax.device_get(state.params)

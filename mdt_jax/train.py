@@ -172,8 +172,18 @@ def init_reg_loss(state: TrainState, params) -> jax.Array:
     return state.hparams["init_reg"] * sum(terms) if terms else jnp.zeros(())
 
 
-def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax.Array], dict]):
-    """Returns pure `step(state, data) -> (state, metrics)`; `sample(data, key) -> batch`."""
+AuxLoss = Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax.Array], dict],
+                    aux_loss: AuxLoss | None = None):
+    """Returns pure `step(state, data) -> (state, metrics)`; `sample(data, key) -> batch`.
+
+    `aux_loss(params, batch, step, key) -> (scalar, {name: scalar})`, if given, is added to the
+    loss inside the step (`step` is the number of updates already applied; `key` is
+    ``fold_in(step key, 1)``, apart from the data and dropout keys); its value is logged as
+    ``aux_loss`` and its metrics under their own names.
+    """
 
     def step(state: TrainState, data) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(_key(state.rng), state.step)
@@ -184,9 +194,12 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
         def loss_fn(params):
             act = action_loss(cfg, params, batch, drop_key)
             reg = init_reg_loss(state, params) if state.anchor else jnp.zeros(())
-            return act + reg, (act, reg)
+            if aux_loss is None:
+                return act + reg, (act, reg, {})
+            aux, aux_metrics = aux_loss(params, batch, state.step, jax.random.fold_in(key, 1))
+            return act + reg + aux, (act, reg, {"aux_loss": aux, **aux_metrics})
 
-        (loss, (act, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (act, reg, aux_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train)
         gnorm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tcfg.grad_clip / (gnorm + 1e-6)), grads)
@@ -195,22 +208,23 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
         updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, train)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "action_mse": act, "init_reg": reg, "grad_norm": gnorm,
-                   "lr": state.hparams["learning_rate"] * jnp.minimum((state.step + 1.0) / tcfg.warmup_steps, 1.0)}
+                   "lr": state.hparams["learning_rate"] * jnp.minimum((state.step + 1.0) / tcfg.warmup_steps, 1.0),
+                   **aux_metrics}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
 
 
 def make_train_chunk(cfg: DTConfig, tcfg: TrainConfig, sample: Callable, *, vmapped: bool = False,
-                     mesh: jax.sharding.Mesh | None = None):
+                     mesh: jax.sharding.Mesh | None = None, aux_loss: AuxLoss | None = None):
     """jit(`chunk(state, data, n) -> (state, metrics)`): n steps in one lax.scan, state donated.
 
     With `vmapped`, state and data carry a leading model axis (seeds, hparams or tasks) and every
     model is trained in the same call. With a `mesh` (`mdt_jax.sharding`), training is data
     parallel: state and data are replicated over it and each sampled batch is split across its
-    devices on the batch axis (which the device count must divide).
+    devices on the batch axis (which the device count must divide). `aux_loss`: see `make_train_step`.
     """
-    step = make_train_step(cfg, tcfg, sharding.sharded_sampler(sample, mesh))
+    step = make_train_step(cfg, tcfg, sharding.sharded_sampler(sample, mesh), aux_loss)
 
     def chunk(state, data, n):
         def body(s, _):
@@ -243,7 +257,7 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         params=None, steps_per_call: int = 100, checkpoint_every: int = 1000, log_every: int | None = None,
         sample: Callable | None = None, progress: bool = True, stop_after: int | None = None,
         init: Callable[[], TrainState] | None = None, vmapped: bool = False, desc: str = "train",
-        mesh: jax.sharding.Mesh | None = None, eval_every: int = 0,
+        mesh: jax.sharding.Mesh | None = None, aux_loss: AuxLoss | None = None, eval_every: int = 0,
         on_eval: Callable[[int, Any], None] | None = None) -> TrainState:
     """Train for `num_steps` with checkpoints in `workdir/checkpoints`, resuming from the latest.
 
@@ -253,7 +267,8 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
     returns states stacked on a leading model axis, `data` is stacked likewise, and every model
     trains in the same call (logged metrics are means over models). With a `mesh`, training is data
     parallel over its devices (`make_train_chunk`); across hosts, every host runs `fit` alike,
-    `workdir` is on a filesystem they share, and only process 0 writes metrics.
+    `workdir` is on a filesystem they share, and only process 0 writes metrics. `aux_loss` is added
+    to every step's loss (`make_train_step`).
 
     With `eval_every` > 0, `on_eval(step, params)` is called every `eval_every` steps (chunks end
     there) and at the end; it keeps whatever it wants (e.g. the best checkpoint by a score on
@@ -270,7 +285,7 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
         raise ValueError("steps_per_call and checkpoint_every must be positive")
     log_every = log_every or steps_per_call
     sample = sample or default_sampler(cfg, tcfg)
-    chunk = make_train_chunk(cfg, tcfg, sample, vmapped=vmapped, mesh=mesh)
+    chunk = make_train_chunk(cfg, tcfg, sample, vmapped=vmapped, mesh=mesh, aux_loss=aux_loss)
     init = init or (lambda: init_state(cfg, tcfg, jax.random.key(seed), params))
     os.makedirs(workdir, exist_ok=True)
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
