@@ -7,6 +7,10 @@
     python -m launch.merge --config=configs/merge.py --config.pipeline=p2 --config.method=fisher \
         --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model \
         --config.fishers=runs/fisher_hopper,runs/fisher_walker2d --workdir=runs/p2
+    # P1 with RegMean: each model's Grams first (python -m launch.gram, configs/gram.py)
+    python -m launch.merge --config=configs/merge.py --config.pipeline=p1 --config.method=regmean \
+        --config.checkpoints=runs/dt_hopper/model,runs/dt_walker2d/model \
+        --config.grams=runs/gram_hopper,runs/gram_walker2d --workdir=runs/p1_regmean
     # P3: lerp / task arithmetic / TIES / DARE grids between the multi-task model (base) and finetunes
     python -m launch.merge --config=configs/merge.py --config.pipeline=p3 --config.base=runs/mt/model \
         --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model --workdir=runs/p3
@@ -25,11 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoints = ""        # comma-separated model folders
     c.base = ""               # P3 (and task-vector methods): the multi-task model before finetuning
     c.fishers = ""            # comma-separated Fisher folders aligned with checkpoints (method=fisher)
-    c.method = "average"      # P1/P2: average | fisher
+    c.grams = ""              # comma-separated Gram folders aligned with checkpoints (method=regmean; launch.gram)
+    c.method = "average"      # P1/P2: average | fisher | regmean
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
     c.floor = 1e-8            # fisher: added to each normalised Fisher (0 reproduces the reference)
     c.normalize_trace = True  # fisher: divide each model's Fisher by its trace
+    c.regmean_alpha = 0.9     # regmean: off-diagonal Gram entries scaled by alpha (Jin et al.'s regulariser)
     c.lerp_ps = "0,0.25,0.5,0.75,1"
     c.ta_lams = "0.25,0.5,0.75,1"
     c.ties_ks = "0.1,0.2,0.5"
