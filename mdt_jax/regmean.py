@@ -262,7 +262,8 @@ def _check_solvable(path: str, A, diag, merged, alpha) -> None:
     if dead.size:
         raise M.MergeError(f"regmean: the Gram sum of {path} is singular: {dead.size} input feature(s) "
                            f"(first {dead[:5].tolist()}) are zero on every model's data")
-    cond = np.linalg.cond(A)
+    eig = np.linalg.eigvalsh(0.5 * (A + A.T)) if np.all(np.isfinite(A)) else np.asarray([np.nan])
+    cond = eig[-1] / eig[0] if eig[0] > 0 else np.inf   # A is symmetric PSD: its eigenvalues give the 2-norm cond
     if not np.isfinite(cond) or cond > MAX_COND or not np.all(np.isfinite(np.asarray(merged))):
         raise M.MergeError(f"regmean: the Gram sum of {path} is numerically singular (condition number "
                            f"{cond:.3g} after diagonal rescaling, limit {MAX_COND:.3g}) at alpha={float(alpha):g}; "
