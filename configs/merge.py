@@ -11,6 +11,10 @@
     # writes WORKDIR/emr (mdt_jax.emr.load_task_models rebuilds the task models from it and the base)
     python -m launch.merge --config=configs/merge.py --config.pipeline=p2 --config.method=emr \
         --config.base=runs/mt/model --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model --workdir=runs/emr
+    # P1 with RegMean: each model's Grams first (python -m launch.gram, configs/gram.py)
+    python -m launch.merge --config=configs/merge.py --config.pipeline=p1 --config.method=regmean \
+        --config.checkpoints=runs/dt_hopper/model,runs/dt_walker2d/model \
+        --config.grams=runs/gram_hopper,runs/gram_walker2d --workdir=runs/p1_regmean
     # P3: lerp / task arithmetic / TIES / DARE grids between the multi-task model (base) and finetunes
     python -m launch.merge --config=configs/merge.py --config.pipeline=p3 --config.base=runs/mt/model \
         --config.checkpoints=runs/ft_hopper/model,runs/ft_walker2d/model --workdir=runs/p3
@@ -29,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoints = ""        # comma-separated model folders
     c.base = ""               # P3 and P2 emr (task-vector methods): the multi-task model before finetuning
     c.fishers = ""            # comma-separated Fisher folders aligned with checkpoints (method=fisher)
-    c.method = "average"      # P1/P2: average | fisher; P2 also emr (needs base; each task runs its own trunk)
+    c.grams = ""              # comma-separated Gram folders aligned with checkpoints (method=regmean; launch.gram)
+    c.method = "average"      # P1/P2: average | fisher | regmean; P2 also emr (needs base; each task runs its own trunk)
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
     # fisher: unset = the reference's formula, guarded only where it divides by zero (the plain
@@ -37,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.floor = ml_collections.config_dict.placeholder(float)
     c.normalize_trace = True  # fisher: divide each model's Fisher by its trace
     c.trace_over = "fisher"   # fisher: the trace over the whole Fisher (the trunk, the reference) | subset
+    c.regmean_alpha = 0.9     # regmean: off-diagonal Gram entries scaled by alpha (Jin et al.'s regulariser)
     c.lerp_ps = "0,0.25,0.5,0.75,1"
     c.ta_lams = "0.25,0.5,0.75,1"
     c.ties_ks = "0.1,0.2,0.5"

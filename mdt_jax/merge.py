@@ -20,6 +20,8 @@ Methods:
   with it (disjoint mean), base + lam * that (Yadav et al., 2023).
 - `dare(base, models, p, rng)`: drop each task-vector entry with probability p and rescale the
   rest by 1 / (1 - p) (Yu et al., 2023); feed the result to `task_arithmetic` or `ties`.
+- "regmean" (`mdt_jax.regmean.regmean(models, grams, alpha)`): each trunk Linear kernel by
+  (sum_i G~_i)^-1 sum_i G~_i W_i from the models' input Grams (Jin et al., 2023).
 
 Coefficients are arrays, so ``jax.vmap(lambda p: lerp(a, b, p))(ps)`` gives a whole sweep of
 candidates stacked on a leading axis, ready for `mdt_jax.evaluate.evaluate`. Out-of-range
@@ -313,11 +315,12 @@ def dare(base, models, p, rng, *, rescale: bool = True, subset: Subset = None):
     return jax.tree.unflatten(treedef, out)
 
 
-METHODS = ("average", "fisher", "task_arithmetic", "ties", "dare_ta", "dare_ties")
+METHODS = ("average", "fisher", "task_arithmetic", "ties", "dare_ta", "dare_ties", "regmean")
 
 
-def merge(method: str, models, *, base=None, fishers=None, subset: Subset = None, rng=None, **coeffs):
-    """Dispatch by name (CLI/config use). `models` stacked; `base` for the task-vector methods."""
+def merge(method: str, models, *, base=None, fishers=None, grams=None, subset: Subset = None, rng=None, **coeffs):
+    """Dispatch by name (CLI/config use). `models` stacked; `base` for the task-vector methods;
+    `grams` (stacked like `models`) for regmean."""
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose from {METHODS}")
     needs_base = method in ("task_arithmetic", "ties", "dare_ta", "dare_ties")
@@ -325,7 +328,7 @@ def merge(method: str, models, *, base=None, fishers=None, subset: Subset = None
         raise MergeError(f"merge method {method!r} needs a base model (the pre-finetuning weights)")
     allowed = {"average": {"weights", "keep"}, "fisher": {"normalize_trace", "trace_over", "floor", "keep"},
                "task_arithmetic": {"lam"}, "ties": {"k", "lam"}, "dare_ta": {"p", "lam", "rescale"},
-               "dare_ties": {"p", "k", "lam", "rescale"}}[method]
+               "dare_ties": {"p", "k", "lam", "rescale"}, "regmean": {"alpha", "keep"}}[method]
     unknown = set(coeffs) - allowed
     if unknown:
         raise MergeError(f"merge method {method!r} takes {sorted(allowed)}, not {sorted(unknown)}")
@@ -335,6 +338,11 @@ def merge(method: str, models, *, base=None, fishers=None, subset: Subset = None
         if fishers is None:
             raise MergeError("merge method 'fisher' needs Fishers")
         return fisher_weighted(models, fishers, subset=subset, **coeffs)
+    if method == "regmean":
+        if grams is None:
+            raise MergeError("merge method 'regmean' needs Grams (mdt_jax.regmean.compute_grams)")
+        from mdt_jax.regmean import regmean
+        return regmean(models, grams, subset=subset, **coeffs)
     if method == "task_arithmetic":
         return task_arithmetic(base, models, subset=subset, **coeffs)
     if method == "ties":

@@ -1,10 +1,10 @@
 """The paper's merging pipelines as library functions over in-memory models.
 
 - **P1** (`p1_merge`): single-task DTs (independent inits or one common init) have the attn and mlp
-  of their blocks merged (average or Fisher). Each task keeps its own embeddings, LayerNorms and
+  of their blocks merged (average, Fisher or RegMean). Each task keeps its own embeddings, LayerNorms and
   heads; the merged part is then frozen (`P1_FREEZE`) and the rest finetuned per task.
 - **P2** (`p2_merge`): copies of a multi-task DT finetuned one per task (ln_f and the timestep
-  embedding frozen, init_reg, `P2_FINETUNE`) have their trunks merged (average or Fisher) and
+  embedding frozen, init_reg, `P2_FINETUNE`) have their trunks merged (average, Fisher or RegMean) and
   each task's own heads copied in from its finetune.
 - **P3** (`p3_candidates`): grids between pre- and post-finetuning weights: lerp(p, pre, merged),
   task arithmetic (lambda), TIES (k, lambda) and DARE (p) with the multi-task model as the base.
@@ -38,15 +38,18 @@ def trunk(params) -> dict:
 
 
 def p1_merge(models: Sequence[dict], method: str = "average", fishers: Sequence[dict] | None = None, *,
-             subset: str = P1_SUBSET, names: Sequence[str] | None = None, **coeffs) -> list[dict]:
+             grams: Sequence[dict] | None = None, subset: str = P1_SUBSET, names: Sequence[str] | None = None,
+             **coeffs) -> list[dict]:
     """Merge `subset` of the blocks of single-task DTs; returns each task's params with it inserted.
 
     `models` may differ in state/action dims (their embeddings and heads are never merged).
-    `fishers` are per-model Fisher trees (at least over the blocks) for method='fisher'.
+    `fishers` are per-model Fisher trees (at least over the blocks) for method='fisher'; `grams`
+    per-model Gram trees (`mdt_jax.regmean.Grams.gram`) for method='regmean'.
     """
     stacked = M.stack([trunk(p) for p in models], names)
     fs = None if fishers is None else M.stack([trunk(f) for f in fishers], names)
-    merged = M.merge(method, stacked, fishers=fs, subset=subset, **coeffs)
+    gs = None if grams is None else M.stack([trunk(g) for g in grams], names)
+    merged = M.merge(method, stacked, fishers=fs, grams=gs, subset=subset, **coeffs)
     mask = M.subset_mask(merged, subset)
     out = []
     for p in models:
@@ -61,11 +64,13 @@ def heads_of(params, task: str) -> dict:
 
 
 def p2_merge(cfg: DTConfig, finetuned: Sequence[dict], method: str = "average",
-             fishers: Sequence[dict] | None = None, *, subset: str = P2_SUBSET, **coeffs) -> dict:
+             fishers: Sequence[dict] | None = None, *, grams: Sequence[dict] | None = None,
+             subset: str = P2_SUBSET, **coeffs) -> dict:
     """One multi-task model: the finetunes' trunks merged, task t's heads from finetune t.
 
     `finetuned[t]` is the multi-task model finetuned on task `cfg.tasks[t]`. Shared leaves outside
-    `subset` (the frozen ln_f and timestep embedding) come from finetune 0.
+    `subset` (the frozen ln_f and timestep embedding) come from finetune 0. `grams[t]` (regmean):
+    finetune t's Gram tree, ideally on its own task's data.
     """
     if not cfg.multi:
         raise ValueError("P2 merges multi-task models; cfg has no tasks")
@@ -74,7 +79,8 @@ def p2_merge(cfg: DTConfig, finetuned: Sequence[dict], method: str = "average",
     names = [f"finetune[{t}]" for t in cfg.task_names]
     stacked = M.stack(finetuned, names)
     fs = None if fishers is None else M.stack(fishers, names)
-    merged = M.merge(method, stacked, fishers=fs, subset=subset, **coeffs)
+    gs = None if grams is None else M.stack(grams, names)
+    merged = M.merge(method, stacked, fishers=fs, grams=gs, subset=subset, **coeffs)
     for t, name in enumerate(cfg.task_names):
         merged = merged | heads_of(finetuned[t], name)
     return merged

@@ -490,15 +490,18 @@ def merge_from_config(config, workdir: str) -> str:
 
     if config.pipeline not in ("p1", "p2", "p3"):
         raise ValueError(f"config.pipeline: unknown {config.pipeline!r}; choose p1, p2 or p3")
-    if config.method not in ("average", "fisher") and not (config.method == "emr" and config.pipeline == "p2"):
+    if config.method not in ("average", "fisher", "regmean") and not (config.method == "emr" and config.pipeline == "p2"):
         raise ValueError(f"config.method: unknown merge method {config.method!r} for {config.pipeline}; "
-                         "choose average or fisher (task arithmetic, TIES and DARE run as P3 grids; "
+                         "choose average, fisher or regmean (task arithmetic, TIES and DARE run as P3 grids; "
                          "emr with pipeline p2)")
     if config.method == "emr" and not config.base:
         raise ValueError("config.base: method=emr needs the multi-task model before finetuning (the base)")
     paths = split_list(config.checkpoints)
     if len(paths) < 2:
         raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
+    if config.method == "regmean" and len(split_list(config.grams)) != len(paths):
+        raise ValueError(f"config.grams: method=regmean needs one Gram folder (launch.gram) per checkpoint "
+                         f"({len(paths)}), got {len(split_list(config.grams))}")
     if os.path.exists(os.path.join(workdir, "merge.json")):
         raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")
     run_config_guard(workdir, _plain(config))  # a killed run resumes; a different one is refused
@@ -510,12 +513,19 @@ def merge_from_config(config, workdir: str) -> str:
             raise ValueError(f"config.fishers: method=fisher needs one Fisher per checkpoint ({len(paths)}), "
                              f"got {len(fpaths)}")
         fishers = _load_fishers(fpaths)
+    grams = None
+    if config.method == "regmean":
+        from mdt_jax.regmean import load_grams
+        grams = [load_grams(p)[0].gram for p in split_list(config.grams)]
     coeffs = {"weights": jnp.asarray(_floats(config.weights))} if config.weights and config.method == "average" \
         else ({"floor": config.floor, "normalize_trace": config.normalize_trace,
                "trace_over": config.get("trace_over", "fisher")} if config.method == "fisher" else {})
+    if config.method == "regmean":
+        coeffs = {"alpha": float(config.regmean_alpha)}
     subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
     record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths,
               "fishers": split_list(config.fishers) if fishers else [],
+              "grams": split_list(config.grams) if grams else [],
               "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
     rows: list[dict] = []
     os.makedirs(workdir, exist_ok=True)
@@ -524,7 +534,8 @@ def merge_from_config(config, workdir: str) -> str:
             raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
         names = [m.get("task", "model") for _, _, m in loaded]
         names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
-        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names, **coeffs)
+        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, grams=grams, subset=subset,
+                            names=names, **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):
             out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
@@ -546,10 +557,12 @@ def merge_from_config(config, workdir: str) -> str:
         meta = by_task[cfg.task_names[0]][1]
         if fishers is not None:
             fishers = [fishers[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
+        if grams is not None:
+            grams = [grams[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
         if config.method == "emr":  # one unified trunk task vector; task t runs base + lambda_t M_t tau_uni
             rows += _merge_emr(config, workdir, cfg, order, meta, record, subset)
         else:
-            merged = P.p2_merge(cfg, order, config.method, fishers, subset=subset, **coeffs)
+            merged = P.p2_merge(cfg, order, config.method, fishers, grams=grams, subset=subset, **coeffs)
             record["merged_fraction"] = M.merged_fraction(merged, subset)
             meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
                 "kind": "multi_task_merged", "merge": record}

@@ -1,0 +1,8 @@
+"""Compute a DT's trunk-Linear input Grams for RegMean. The config's docstring (configs/gram.py) gives the command."""
+from launch._common import config_app, run_app
+
+main = config_app("configs/gram.py", "mdt_jax.regmean.gram_from_config",
+                  "Output folder (grams/ and grams.json); must not exist.")
+
+if __name__ == "__main__":
+    run_app(main)
