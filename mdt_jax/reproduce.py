@@ -140,6 +140,20 @@ def _fisher(config, workdir: str, model: str, dataset: str, seed: int, spec_info
     return workdir
 
 
+def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
+    """RegMean's input Grams of a model on its own data (configs/gram.py; the Fisher's batch settings)."""
+    from configs import gram as gram_cfg
+    from mdt_jax.regmean import gram_from_config
+
+    if not os.path.exists(os.path.join(workdir, "grams.json")):
+        _log(f"gram {os.path.basename(workdir)}")
+        gc = gram_cfg.get_config()
+        gc.checkpoint, gc.dataset, gc.seed = model, dataset, seed
+        gc.num_batches, gc.batch_size = config.fisher.num_batches, config.fisher.batch_size
+        gram_from_config(gc, workdir)
+    return workdir
+
+
 def _merge(config, workdir: str, seed: int, **fields) -> list[dict]:
     """merge_from_config with `fields` over `config.merge`; its rows (cached in merge.json)."""
     path = os.path.join(workdir, "merge.json")
@@ -244,6 +258,14 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                                  subset=P1_SUBSETS[subset])
                     if name == "common" and subset == "attn,mlp" and config.p1_finetune.num_steps:
                         rows += _p1_finetune(config, sdir, r, method, data, seed)
+    # beyond the paper: RegMean of the P1 attn+mlp (each model's Grams on its own data)
+    for name in [n for n in ("common", "independent") if n in sets]:
+        grams = [_gram(config, os.path.join(sdir, f"gram_{name}_{t}"), m, data[t], seed)
+                 for t, m in zip(tasks, models[name])]
+        for r in _merge(config, os.path.join(sdir, f"p1_{name}_regmean_attn+mlp"), seed, pipeline="p1",
+                        method="regmean", subset="attn,mlp", checkpoints=",".join(models[name]),
+                        grams=",".join(grams), eval_inputs=False):
+            rows += _tag([r], seed, pipeline="beyond", model=f"dt_{name}", method="regmean", subset="attn+mlp")
     # the multi-task DT, its finetunes, P2 and P3
     mt = _train(config, os.path.join(sdir, "mt"), task=",".join(tasks), dataset=",".join(data[t] for t in tasks),
                 seed=100 * seed + 90, model=_plain(config.multi.model), num_steps=config.multi.num_steps,
@@ -472,19 +494,19 @@ def claims(rows: list[dict], tasks: list[str], min_effect: float = 0.0) -> dict:
           "before finetuning", ". P3 grid bests (chosen on the selection episodes, reported on the report "
           "episodes): " + ("; ".join(bests) or "not run"))
     # beyond the paper: each method against the paper's merges of the same models
-    beyond_vs = {"emr": [("P2 average", get(pipeline="p2", method="average")),
-                         ("P2 Fisher", get(pipeline="p2", method="fisher"))],
-                 "regmean": [("P1 common average", merged), ("P1 common Fisher", p1["common", "fisher", "attn+mlp"])],
-                 "aligned_average": [("P1 independent average", p1["independent", "average", "attn+mlp"]),
-                                     ("P1 common average", merged)],
-                 "cma_lerp": [("P2 average", get(pipeline="p2", method="average")),
-                              ("P3 lerp best", best_of_grid(rows, tasks, "lerp"))]}
-    for method, refs in beyond_vs.items():
-        got = {r["model"] for r in rows if r["pipeline"] == "beyond" and r["method"] == method}
-        for model in sorted(got):
-            mine = get(pipeline="beyond", method=method, model=model)
-            for name, ref in refs:
-                claim(f"beyond:{method} vs {name}", mine, ref, f"{method} ({model}) vs {name}")
+    p2avg, p2f = get(pipeline="p2", method="average"), get(pipeline="p2", method="fisher")
+    for method, model in sorted({(r["method"], r["model"]) for r in rows if r["pipeline"] == "beyond"}):
+        mine = get(pipeline="beyond", method=method, model=model)
+        if model.startswith("dt_"):  # a P1-style merge of a single-task set
+            s_ = model[3:]
+            refs = [(f"P1 {s_} average", p1.get((s_, "average", "attn+mlp"))),
+                    (f"P1 {s_} Fisher", p1.get((s_, "fisher", "attn+mlp")))]
+            if s_ == "independent":  # does it close the init gap (C2)?
+                refs.append(("P1 common average", merged))
+        else:
+            refs = [("P2 average", p2avg), ("P2 Fisher", p2f)]
+        for name, ref in refs:
+            claim(f"beyond:{method}[{model}] vs {name}", mine, ref, f"{method} ({model}) vs {name}")
     rule = (f" Scores: mean D4RL-referenced normalized score over tasks; 95% stratified bootstrap CI over "
             f"seeds x episodes (rliable, {BOOTSTRAP['reps']} resamples); decided when the CI excludes 0 and "
             f"|difference| > {min_effect:g}.")

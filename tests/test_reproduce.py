@@ -61,7 +61,7 @@ def test_results_schema_tables_and_figures(tiny_run):
     got = {(r["pipeline"], r["method"]) for r in rows}
     want = {("baseline", "uniform"), ("single", "unmerged"), ("p1", "average"), ("p1", "fisher"),
             ("p1", "average+finetune"), ("multi", "pre"), ("multi", "finetuned"), ("p2", "average"),
-            ("p2", "fisher"), ("beyond", "emr"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
+            ("p2", "fisher"), ("beyond", "emr"), ("beyond", "regmean"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
     assert want <= got, want - got
     assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_pretrained",
                                                                     "dt_large"}
@@ -77,7 +77,7 @@ def test_results_schema_tables_and_figures(tiny_run):
     # every (model, method, task) appears once, and every model on every task
     keys = [R._key(r) for r in rows]
     assert len(keys) == len(set(keys))
-    assert {f"C{i}" for i in range(1, 7)} | {"C2_shared_seed", "beyond:emr vs P2 average"} <= set(res["claims"])
+    assert {f"C{i}" for i in range(1, 7)} | {"C2_shared_seed", "beyond:emr[mt_finetunes] vs P2 average", "beyond:regmean[dt_common] vs P1 common Fisher"} <= set(res["claims"])
     for c in res["claims"].values():
         assert c["supported"] in (True, False, None) and isinstance(c["evidence"], str) and c["evidence"].strip()
         assert c["ci"][0] <= c["difference"] <= c["ci"][1] and 0 <= c["probability_of_improvement"] <= 1
