@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.base = ""               # P3 (and task-vector methods): the multi-task model before finetuning
     c.fishers = ""            # comma-separated Fisher folders aligned with checkpoints (method=fisher)
     c.method = "average"      # P1/P2: average | fisher
+    c.align = False           # P1: permute each model onto the first by weight matching before merging
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
     c.floor = 1e-8            # fisher: added to each normalised Fisher (0 reproduces the reference)

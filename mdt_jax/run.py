@@ -280,6 +280,9 @@ def merge_from_config(config, workdir: str) -> str:
     if config.method not in ("average", "fisher"):
         raise ValueError(f"config.method: unknown merge method {config.method!r} for {config.pipeline}; "
                          "choose average or fisher (task arithmetic, TIES and DARE run as P3 grids)")
+    align = bool(config.get("align", False))
+    if align and config.pipeline != "p1":
+        raise ValueError(f"config.align: permutation alignment is for P1 (independent inits), not {config.pipeline}")
     paths = split_list(config.checkpoints)
     if len(paths) < 2:
         raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
@@ -297,7 +300,7 @@ def merge_from_config(config, workdir: str) -> str:
     coeffs = {"weights": jnp.asarray(_floats(config.weights))} if config.weights and config.method == "average" \
         else ({"floor": config.floor, "normalize_trace": config.normalize_trace} if config.method == "fisher" else {})
     subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
-    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths,
+    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths, "align": align,
               "fishers": split_list(config.fishers) if fishers else [],
               "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
     rows: list[dict] = []
@@ -307,7 +310,8 @@ def merge_from_config(config, workdir: str) -> str:
             raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
         names = [m.get("task", "model") for _, _, m in loaded]
         names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
-        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names, **coeffs)
+        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, subset=subset, names=names,
+                            align=align, cfgs=[c for c, _, _ in loaded], align_seed=config.seed, **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):
             out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
