@@ -39,11 +39,17 @@ selected by `match_on` (default ``blocks``: the trunk blocks, which hold everyth
   and ``mlp/c_proj`` columns and biases (and, if selected, ``ln_f``, the embeddings' columns and
   biases, ``embed_ln``, the heads' rows);
 - mlp[i]: ``c_fc`` columns and bias, ``mlp/c_proj`` rows of block i;
-- heads[i]: the q, k and v column blocks of ``c_attn`` kernel and bias, and the row blocks of
-  ``attn/c_proj``, of block i;
-- qk[i] (one assignment per head): the q and k columns of the head in ``c_attn`` kernel and bias;
-- v[i] (one assignment per head): the v columns of the head in ``c_attn`` kernel and bias and
-  the head's rows of ``attn/c_proj``.
+- attn[i], one step for heads[i], qk[i] and v[i] of block i together: the cost of pairing ref
+  head h with head g is the sum over the per-head blocks of q, k and v (``c_attn`` kernel and
+  bias) and of the ``attn/c_proj`` rows, each at its best within-head permutation (one linear
+  assignment over the hd dims per (h, g) for q and k jointly, one for v with the ``c_proj``
+  rows); the heads are then one linear assignment on those pair costs. Solving heads and dims
+  jointly is exact coordinate descent over the block's attention; alternating them as separate
+  groups can stall, since a head pairing barely shows while its dims are mismatched.
+
+Beyond the paper: besides the paper's identity start, the descent also runs from a residual
+matched on permutation-invariant per-feature statistics, and the higher J of the two is kept
+(`weight_matching(init='both')`, the default).
 """
 from __future__ import annotations
 
@@ -100,12 +106,12 @@ def random_perms(cfg: DTConfig, rng: jax.Array, *, within_head: bool = True) -> 
 def compose(first: Perms, second: Perms) -> Perms:
     """The permutation c with permute(permute(p, first), second) == permute(p, c)."""
     inv = lambda h: jnp.argsort(h)
-    within = lambda wa, wb, ha, hb: jnp.take_along_axis(wa, wb[inv(ha)], axis=1)
+    within = lambda wa, wb, ha: jnp.take_along_axis(wa, wb[inv(ha)], axis=1)
     return Perms(first.residual[second.residual],
                  tuple(a[b] for a, b in zip(first.mlp, second.mlp)),
                  tuple(a[b] for a, b in zip(first.heads, second.heads)),
-                 tuple(within(wa, wb, ha, hb) for wa, wb, ha, hb in zip(first.qk, second.qk, first.heads, second.heads)),
-                 tuple(within(wa, wb, ha, hb) for wa, wb, ha, hb in zip(first.v, second.v, first.heads, second.heads)))
+                 tuple(within(wa, wb, ha) for wa, wb, ha in zip(first.qk, second.qk, first.heads)),
+                 tuple(within(wa, wb, ha) for wa, wb, ha in zip(first.v, second.v, first.heads)))
 
 
 def check_perms(cfg: DTConfig, perms: Perms) -> None:
@@ -296,7 +302,7 @@ def _score(C: np.ndarray, perm: np.ndarray) -> float:
 
 
 def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed: int = 0,
-                    match_on="blocks", within_head: bool = True, init: str = "stats",
+                    match_on="blocks", within_head: bool = True, init: str = "both",
                     progress_fn: Callable[[int, str, float], None] | None = None) -> Perms:
     """Permutations P maximising J(P) = sum_W <W_ref, (P W)_params> over the `match_on` weights.
 
@@ -313,16 +319,18 @@ def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed
 
     A step keeps the current permutation unless the new one scores strictly higher, so J never
     decreases. `init`: 'identity' starts every group at the identity, as the paper does; 'stats'
-    (default) first sets the residual by matching, for each residual feature, statistics that no
-    other group changes (its values in 1-D weights, the norms of its rows or columns in the
-    others, each centred over the features), which the coordinate descent otherwise often misses
-    from the identity (a residual mismatch makes every other group's cost noise).
-    `progress_fn(pass, group, J)` is called after each step. Returns the Perms for `params`.
+    first sets the residual by matching, for each residual feature, statistics that no other
+    group changes (its values in 1-D weights, the norms of its rows or columns in the others,
+    each centred over the features); from the identity the descent often misses even an exact
+    permuted copy, since a residual mismatch makes every other group's cost noise. 'both'
+    (default) runs from each start and keeps the result with the higher J (ties: 'stats').
+    `progress_fn(pass, group, J)` is called after each step (with 'both', for both runs, 'stats'
+    first). Returns the Perms for `params`.
     """
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
-    if init not in ("stats", "identity"):
-        raise ValueError(f"init must be 'stats' or 'identity', got {init!r}")
+    if init not in ("stats", "identity", "both"):
+        raise ValueError(f"init must be 'stats', 'identity' or 'both', got {init!r}")
     M.check_compatible([trunk(ref_params), trunk(params)], ["reference", "other"])
     _check_trunk(cfg, ref_params, "reference")
     _check_trunk(cfg, params, "other")
@@ -336,10 +344,6 @@ def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed
     axes = {n: _axes_checked(cfg, n, k, ref[n]) for n, k in keys}
     H, L, nh, hd, _ = _dims(cfg)
     groups = [(_RES, -1)] + [(_MLP, i) for i in range(L)] + [("attn", i) for i in range(L)]
-    perms = _host(identity_perms(cfg))
-    if init == "stats":
-        perms = _set(perms, _RES, -1, _stats_residual(ref, other, axes, H))
-    rng = np.random.default_rng(seed)
 
     def cost(group, block, current):
         """Cost tensors of `group` (residual, mlp, qk or v) with that group unpermuted in `other`."""
@@ -361,7 +365,7 @@ def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed
     def total(p):
         return float(sum(np.vdot(ref[n], _np_take(cfg, other[n], axes[n], p)) for n in axes))
 
-    def attn_step(block):
+    def attn_step(perms, block):
         base = _set(_set(_set(perms, "heads", block, np.arange(nh)), "qk", block, np.tile(np.arange(hd), (nh, 1))),
                     "v", block, np.tile(np.arange(hd), (nh, 1)))
         parts = [(f, c) for f in ("qk", "v") if (c := cost(f, block, base)) is not None]
@@ -387,25 +391,34 @@ def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed
             out = _set(out, f, block, w)
         return out, True
 
-    for it in range(iters):
-        changed = False
-        for gi in rng.permutation(len(groups)):
-            group, block = groups[gi]
-            if group == "attn":
-                perms, moved = attn_step(block)
-            else:
-                cur = perms.residual if group == _RES else perms.mlp[block]
-                C = cost(group, block, _set(perms, group, block, np.arange(len(cur))))
-                moved = False
-                if C is not None:
-                    new, score = _lsa(C[0])
-                    if _better(score, _score(C[0], cur), np.abs(C).sum()):
-                        perms, moved = _set(perms, group, block, new), True
-            changed |= moved
-            if progress_fn is not None:
-                progress_fn(it, group if group == _RES else f"{group}[{block}]", total(perms))
-        if not changed:
-            break
+    def descend(start: str) -> tuple[Perms, float]:
+        perms = _host(identity_perms(cfg))
+        if start == "stats":
+            perms = _set(perms, _RES, -1, _stats_residual(ref, other, axes, H))
+        rng = np.random.default_rng(seed)
+        for it in range(iters):
+            changed = False
+            for gi in rng.permutation(len(groups)):
+                group, block = groups[gi]
+                if group == "attn":
+                    perms, moved = attn_step(perms, block)
+                else:
+                    cur = perms.residual if group == _RES else perms.mlp[block]
+                    C = cost(group, block, _set(perms, group, block, np.arange(len(cur))))
+                    moved = False
+                    if C is not None:
+                        new, score = _lsa(C[0])
+                        if _better(score, _score(C[0], cur), np.abs(C).sum()):
+                            perms, moved = _set(perms, group, block, new), True
+                changed |= moved
+                if progress_fn is not None:
+                    progress_fn(it, group if group == _RES else f"{group}[{block}]", total(perms))
+            if not changed:
+                break
+        return perms, total(perms)
+
+    runs = [descend(s) for s in (("stats", "identity") if init == "both" else (init,))]
+    perms = max(runs, key=lambda r: r[1])[0]  # max keeps the first of equals
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), perms)
 
 
@@ -446,12 +459,13 @@ def _check_trunk(cfg: DTConfig, params, name: str) -> None:
 
 
 def align(cfg: DTConfig | Sequence[DTConfig], models: Sequence, *, ref: int = 0, iters: int = 100, seed: int = 0,
-          match_on="blocks", within_head: bool = True) -> tuple[list, list[Perms]]:
+          match_on="blocks", within_head: bool = True, init: str = "both") -> tuple[list, list[Perms]]:
     """Every model permuted onto model `ref` by weight matching; returns (aligned models, perms).
 
     `cfg` is one DTConfig or one per model (P1's models differ in state/action dims; their trunks
     must match: H, n_layer, n_head, inner). The ref model comes back unchanged with identity perms.
-    Model i is matched with seed `seed + i`.
+    Model i is matched with seed `seed + i`; `match_on`, `within_head`, `init` as in
+    `weight_matching`.
     """
     models = list(models)
     cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * len(models)
@@ -476,7 +490,7 @@ def align(cfg: DTConfig | Sequence[DTConfig], models: Sequence, *, ref: int = 0,
             perms.append(identity_perms(cfgs[i]))
             continue
         pi = weight_matching(cfgs[i], models[ref], p, iters=iters, seed=seed + i, match_on=match_on,
-                             within_head=within_head)
+                             within_head=within_head, init=init)
         aligned.append(permute(cfgs[i], p, pi))
         perms.append(pi)
     return aligned, perms
