@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fishers = ""            # comma-separated Fisher folders aligned with checkpoints (method=fisher)
     c.grams = ""              # comma-separated Gram folders aligned with checkpoints (method=regmean; launch.gram)
     c.method = "average"      # P1/P2: average | fisher | regmean; P2 also emr (needs base; each task runs its own trunk)
+    c.align = False           # P1: permute each model onto the first by weight matching before merging
     c.subset = ""             # empty: the pipeline's default (P1 attn,mlp; P2/P3 blocks)
     c.weights = ""            # average: comma-separated weights (empty: uniform)
     # fisher: unset = the reference's formula, guarded only where it divides by zero (the plain

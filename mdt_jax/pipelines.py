@@ -1,8 +1,9 @@
 """The paper's merging pipelines as library functions over in-memory models.
 
 - **P1** (`p1_merge`): single-task DTs (independent inits or one common init) have the attn and mlp
-  of their blocks merged (average, Fisher or RegMean). Each task keeps its own embeddings, LayerNorms and
-  heads; the merged part is then frozen (`P1_FREEZE`) and the rest finetuned per task.
+  of their blocks merged (average, Fisher or RegMean), optionally after permutation alignment
+  (`align`). Each task keeps its own embeddings, LayerNorms and heads; the merged part is then
+  frozen (`P1_FREEZE`) and the rest finetuned per task.
 - **P2** (`p2_merge`): copies of a multi-task DT finetuned one per task (ln_f and the timestep
   embedding frozen, init_reg, `P2_FINETUNE`) have their trunks merged (average, Fisher or RegMean) and
   each task's own heads copied in from its finetune.
@@ -39,13 +40,24 @@ def trunk(params) -> dict:
 
 def p1_merge(models: Sequence[dict], method: str = "average", fishers: Sequence[dict] | None = None, *,
              grams: Sequence[dict] | None = None, subset: str = P1_SUBSET, names: Sequence[str] | None = None,
+             align: bool = False, cfgs: Sequence[DTConfig] | None = None, align_seed: int = 0,
              **coeffs) -> list[dict]:
     """Merge `subset` of the blocks of single-task DTs; returns each task's params with it inserted.
 
     `models` may differ in state/action dims (their embeddings and heads are never merged).
     `fishers` are per-model Fisher trees (at least over the blocks) for method='fisher'; `grams`
     per-model Gram trees (`mdt_jax.regmean.Grams.gram`) for method='regmean'.
+    `align`: first permute every model onto model 0 by weight matching (`mdt_jax.align`, Git
+    Re-Basin), each one computing the same function; its own embeddings, LayerNorms and heads take
+    the residual permutation, and its Fisher the same permutations. Needs `cfgs` (one per model).
     """
+    if align:
+        from mdt_jax import align as A
+        if cfgs is None or len(cfgs) != len(models):
+            raise ValueError("p1_merge: align=True needs cfgs, one DTConfig per model")
+        models, perms = A.align(list(cfgs), models, seed=align_seed)
+        if fishers is not None:
+            fishers = [A.permute(c, f, p) for c, f, p in zip(cfgs, fishers, perms)]
     stacked = M.stack([trunk(p) for p in models], names)
     fs = None if fishers is None else M.stack([trunk(f) for f in fishers], names)
     gs = None if grams is None else M.stack([trunk(g) for g in grams], names)

@@ -496,6 +496,12 @@ def merge_from_config(config, workdir: str) -> str:
                          "emr with pipeline p2)")
     if config.method == "emr" and not config.base:
         raise ValueError("config.base: method=emr needs the multi-task model before finetuning (the base)")
+    align = bool(config.get("align", False))
+    if align and config.pipeline != "p1":
+        raise ValueError(f"config.align: permutation alignment is for P1 (independent inits), not {config.pipeline}")
+    if align and config.method == "regmean":
+        raise ValueError("config.align: alignment with method=regmean would need the Grams permuted too; "
+                         "compute the Grams of the aligned models instead")
     paths = split_list(config.checkpoints)
     if len(paths) < 2:
         raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
@@ -523,7 +529,7 @@ def merge_from_config(config, workdir: str) -> str:
     if config.method == "regmean":
         coeffs = {"alpha": float(config.regmean_alpha)}
     subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
-    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths,
+    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths, "align": align,
               "fishers": split_list(config.fishers) if fishers else [],
               "grams": split_list(config.grams) if grams else [],
               "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
@@ -535,7 +541,8 @@ def merge_from_config(config, workdir: str) -> str:
         names = [m.get("task", "model") for _, _, m in loaded]
         names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
         merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, grams=grams, subset=subset,
-                            names=names, **coeffs)
+                            names=names, align=align, cfgs=[c for c, _, _ in loaded], align_seed=config.seed,
+                            **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):
             out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
