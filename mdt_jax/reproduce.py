@@ -266,6 +266,13 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                         method="regmean", subset="attn,mlp", checkpoints=",".join(models[name]),
                         grams=",".join(grams), eval_inputs=False):
             rows += _tag([r], seed, pipeline="beyond", model=f"dt_{name}", method="regmean", subset="attn+mlp")
+    # beyond the paper: the independent inits permutation-aligned (weight matching) before averaging
+    if "independent" in sets:
+        for r in _merge(config, os.path.join(sdir, "p1_independent_aligned_average_attn+mlp"), seed, pipeline="p1",
+                        method="average", subset="attn,mlp", checkpoints=",".join(models["independent"]),
+                        align=True, eval_inputs=False):
+            rows += _tag([r], seed, pipeline="beyond", model="dt_independent", method="aligned_average",
+                         subset="attn+mlp")
     # the multi-task DT, its finetunes, P2 and P3
     mt = _train(config, os.path.join(sdir, "mt"), task=",".join(tasks), dataset=",".join(data[t] for t in tasks),
                 seed=100 * seed + 90, model=_plain(config.multi.model), num_steps=config.multi.num_steps,

@@ -61,7 +61,7 @@ def test_results_schema_tables_and_figures(tiny_run):
     got = {(r["pipeline"], r["method"]) for r in rows}
     want = {("baseline", "uniform"), ("single", "unmerged"), ("p1", "average"), ("p1", "fisher"),
             ("p1", "average+finetune"), ("multi", "pre"), ("multi", "finetuned"), ("p2", "average"),
-            ("p2", "fisher"), ("beyond", "emr"), ("beyond", "regmean"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
+            ("p2", "fisher"), ("beyond", "emr"), ("beyond", "regmean"), ("beyond", "aligned_average"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
     assert want <= got, want - got
     assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_pretrained",
                                                                     "dt_large"}
