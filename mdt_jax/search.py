@@ -33,9 +33,10 @@ Every group's merge is the `mdt_jax.merge` function restricted to that group's l
 is trimmed and elected, so that vector is computed once and each group scales it through
 `task_arithmetic` over the single merged vector; DARE's drop mask is drawn once (fixed `p`, key).
 Fisher tempering: with f_i = F_i / trace_i (the reference's normalisation, trace over the merged
-subset), the merge uses g_i = c (f_i / c)^T, c the mean of f over models and merged scalars, so
-that T scales the log-ratios log(f_1 / f_2) between models while the merge's `floor` keeps its
-weight relative to the typical Fisher; T = 1 gives g = f. Each task's own heads come from its own
+subset), the merge weighs model i by g_i = c (f_i / c)^T, c the mean of f over models and merged
+scalars. The weights g_i / sum_j g_j are exactly f_i^T / sum_j f_j^T (c cancels), so T scales the
+log-ratios log(f_1 / f_2) between models; c only keeps the merge's `floor` at its weight relative
+to the typical Fisher. T = 1 gives g = f, the plain Fisher merge. Each task's own heads come from its own
 finetune (as in P2/P3), leaves outside the subset from the base.
 
 **The loop** (`cma_search`): evosax's `CMA_ES` ask/tell (it minimises, so it is told -fitness;
@@ -555,7 +556,7 @@ def run_search(cfg: DTConfig, finetuned: Sequence[dict], stats: dict, *, method:
     kw = dict(episodes=episodes, max_steps=max_steps, executor=executor, mesh=mesh)
     fitness_fn = lambda stacked: population_fitness(evaluate_seeds(cfg, stacked, tasks, stats, sel, **kw))
     settings = {"method": method, "groups": list(space.groups), "subset": subset, "fixed": space.fixed,
-                "neutral": space.neutral, "selection_seed": list(sel), "tasks": tasks}
+                "neutral": space.neutral, "selection_seed": list(sel), "tasks": tasks, "max_steps": max_steps}
     result = cma_search(space.merge_fn, space.dim, fitness_fn, popsize=popsize, generations=generations,
                         sigma0=sigma0, seed=seed, workdir=workdir, budget_episodes=budget,
                         episodes_per_candidate=epc, progress=progress, coefficients_fn=space.coefficients,
@@ -570,7 +571,7 @@ def run_search(cfg: DTConfig, finetuned: Sequence[dict], stats: dict, *, method:
     for i, (name, coeffs, fit) in enumerate(models):
         for r in results:
             rows.append(r.summary(i) | {"model": name, "coefficients": coeffs, "selection": selection}
-                        | ({"selection_fitness": fit} if fit is not None else {}))
+                        | ({"selection_fitness": _jsonable(fit)} if fit is not None else {}))
     return SearchRun(rows, result, space, best)
 
 

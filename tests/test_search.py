@@ -66,8 +66,8 @@ def _plain(method, cfg, pre, fts, merged, fishers):
     if method == "fisher":
         return jax.jit(lambda f, fi: P.p2_merge(cfg, f, "fisher", fi))(fts, fishers)
     name = {"dare": "dare_ta"}.get(method, method)
-    return jax.jit(lambda p, f, m: jax.tree.map(lambda x: x[0], P.p3_candidates(cfg, p, f, m, **grid[method])[name][0]))(
-        pre, fts, merged)
+    first = lambda p, f, m: jax.tree.map(lambda x: x[0], P.p3_candidates(cfg, p, f, m, **grid[method])[name][0])
+    return jax.jit(first)(pre, fts, merged)
 
 
 @pytest.mark.parametrize("method", S.METHODS)
@@ -84,7 +84,8 @@ def test_neutral_theta_is_the_plain_merge_and_groups_act_per_block(models, metho
     _close(jax.tree.map(lambda x: x[0], pop), neutral)
     # moving block 0's coordinate moves block 0 only, and every task's heads stay its own finetune's
     one = jax.tree.map(lambda x: x[1], pop)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(one["block_0"]), jax.tree.leaves(neutral["block_0"])))
+    assert any(not np.allclose(a, b)
+               for a, b in zip(jax.tree.leaves(one["block_0"]), jax.tree.leaves(neutral["block_0"])))
     _close(one["block_1"], jax.tree.map(lambda x: x[0], pop)["block_1"], rtol=0, atol=0)
     for t, name in enumerate(cfg.task_names):
         _close(one[f"task_{name}"], (merged if method == "lerp" else fts[t])[f"task_{name}"], rtol=0, atol=0)
