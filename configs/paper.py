@@ -39,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                             select_seeds="1000,1001,1002"))
     c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=1_000_000, num_steps=100_000,
                                                 batch_size=64))
+    c.search = ml_collections.ConfigDict(dict(popsize=16, generations=10, episodes=10, groups="blocks"))
     c.claims_min_effect = 1.0
     c.bootstrap_reps = 2000
     if arg == "cpu":

@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_steps=500, batch_size=32))
     # a claim is decided (true/false) when the 95% bootstrap CI of the difference of mean normalized
     # scores excludes 0 and the difference exceeds this many normalized points; otherwise it is null
+    # beyond the paper: CMA-ES over per-block lerp p (multi-task DT -> P2 average) on closed-loop
+    # return, each generation one batched evaluation on the selection episodes (generations=0 skips it)
+    c.search = ml_collections.ConfigDict(dict(popsize=8, generations=4, episodes=2, groups="blocks"))
     c.claims_min_effect = 0.5
     c.bootstrap_reps = 1000
     return c

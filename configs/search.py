@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lam0 = 0.0              # task-vector methods: lambda at theta = 0 (0: the method's default)
     c.k = 0.2                 # ties: fraction of each task vector kept
     c.dare_p = 0.3            # dare: drop probability (the mask is drawn from `seed`)
-    c.floor = 1e-8            # fisher: added to each normalised Fisher
+    c.floor = ml_collections.config_dict.placeholder(float)  # fisher: as configs/merge.py (unset: the reference's formula, guarded)
     c.normalize_trace = True  # fisher: divide each model's Fisher by its trace
     c.popsize = 8
     c.generations = 10

@@ -154,6 +154,32 @@ def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
     return workdir
 
 
+def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_seed: int) -> list[dict]:
+    """launch.search (configs/search.py) with `config.search` over it: the best candidate's rows."""
+    from configs import search as search_cfg
+    from mdt_jax.search import search_from_config
+
+    path = os.path.join(workdir, "search.json")
+    if not os.path.exists(path):
+        _log(f"search {os.path.basename(workdir)}")
+        c = search_cfg.get_config()
+        c.method, c.base, c.checkpoints, c.seed = "lerp", mt, ",".join(fts), seed
+        c.selection_seed, c.report_seed = str(select_seed), str(seed)
+        for k, v in _plain(config.search).items():
+            if k == "episodes":
+                c.eval.episodes = v
+            else:
+                c[k] = v
+        c.eval.report_episodes, c.eval.max_steps = config.eval.episodes, config.eval.max_steps
+        c.eval.executor = config.eval.executor
+        search_from_config(c, workdir)
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    # the chosen coefficients differ per seed: keep them aside so the seeds' rows pool
+    return [r | {"coefficients": None, "selected_coefficients": r["coefficients"]} for r in rows
+            if r["model"].startswith("search_")]
+
+
 def _merge(config, workdir: str, seed: int, **fields) -> list[dict]:
     """merge_from_config with `fields` over `config.merge`; its rows (cached in merge.json)."""
     path = os.path.join(workdir, "merge.json")
@@ -314,6 +340,12 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     for r in _merge(config, os.path.join(sdir, "p2_emr"), seed, pipeline="p2", method="emr", base=mt,
                     checkpoints=",".join(fts), eval_inputs=False):
         rows += _tag([r], seed, pipeline="beyond", model="mt_finetunes", method="emr")
+    # beyond the paper: per-block lerp coefficients between the multi-task DT and the P2 average, by
+    # CMA-ES on closed-loop return (selection episodes), the best reported on the report episodes
+    sc = config.get("search", None)
+    if sc is not None and sc.generations:
+        rows += _tag(_search(config, os.path.join(sdir, "search_lerp"), mt, fts, seed, select_seed), seed,
+                     pipeline="beyond", model="mt_finetunes", method="cma_lerp")
     rows += _tag(_stage(sdir, "random", lambda: random_policy_rows(
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")

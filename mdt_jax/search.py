@@ -194,7 +194,7 @@ class Space:
 def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: dict | None = None,
                merged: dict | None = None, fishers: Sequence[dict] | None = None, subset: str = P.P2_SUBSET,
                groups: str | Sequence[str] = "blocks", p0: float = 0.5, lam0: float | None = None,
-               k: float = 0.2, dare_p: float = 0.3, dare_seed: int = 0, floor: float = 1e-8,
+               k: float = 0.2, dare_p: float = 0.3, dare_seed: int = 0, floor: float | None = None,
                normalize_trace: bool = True) -> Space:
     """The search space of `method` (see the module docstring) over P2/P3 inputs.
 
@@ -240,7 +240,8 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
         if fishers is None or len(fishers) != T:
             raise SearchError(f"fishers: method 'fisher' needs one Fisher per finetune ({T}), "
                               f"got {0 if fishers is None else len(fishers)}")
-        M._check("floor", floor, 0.0)
+        if floor is not None:
+            M._check("floor", floor, 0.0)
         fs = M.stack(fishers, [f"fisher[{t}]" for t in cfg.task_names])
         M.check_compatible([finetuned[0], M._one(fs)], [names[0], "fishers"])
         for p, f in jax.tree_util.tree_flatten_with_path(fs)[0]:
@@ -256,7 +257,7 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
         def merge_fn(theta):
             return _per_group(masks, merge_one, squash(theta), M._one(stacked)) | heads
 
-        return Space(method, "T", gnames, 1.0, {"floor": float(floor), "normalize_trace": bool(normalize_trace)},
+        return Space(method, "T", gnames, 1.0, {"floor": None if floor is None else float(floor), "normalize_trace": bool(normalize_trace)},
                      squash, merge_fn,
                      lambda: P.p2_merge(cfg, finetuned, "fisher", fishers, subset=subset, floor=floor,
                                         normalize_trace=normalize_trace))

@@ -33,6 +33,7 @@ def tiny_config(tasks="hopper,walker2d"):
     c.eval.episodes, c.eval.max_steps, c.eval.select_seeds = 2, 50, "1000"
     c.pretrain.transitions, c.pretrain.num_steps, c.pretrain.batch_size = 2000, 20, 16
     c.bootstrap_reps = 200
+    c.search.popsize, c.search.generations, c.search.episodes = 2, 1, 1
     return c
 
 
@@ -61,7 +62,7 @@ def test_results_schema_tables_and_figures(tiny_run):
     got = {(r["pipeline"], r["method"]) for r in rows}
     want = {("baseline", "uniform"), ("single", "unmerged"), ("p1", "average"), ("p1", "fisher"),
             ("p1", "average+finetune"), ("multi", "pre"), ("multi", "finetuned"), ("p2", "average"),
-            ("p2", "fisher"), ("beyond", "emr"), ("beyond", "regmean"), ("beyond", "aligned_average"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
+            ("p2", "fisher"), ("beyond", "emr"), ("beyond", "regmean"), ("beyond", "aligned_average"), ("beyond", "cma_lerp"), ("p3", "lerp"), ("p3", "task_arithmetic"), ("p3", "ties"), ("p3", "dare_ta")}
     assert want <= got, want - got
     assert {r["model"] for r in rows if r["pipeline"] == "p1"} == {"dt_independent", "dt_common", "dt_pretrained",
                                                                     "dt_large"}
