@@ -2,7 +2,7 @@
 
     # accelerator scale: single-task DTs H128 L3 K20, 100k steps; multi-task DT H512 L3 4 heads gelu_new
     python -m launch.reproduce --config=configs/paper.py --workdir=runs/paper
-    # 2-core CPU, about an hour of compute (README: 96.7 min user CPU): more steps, episodes and seeds than the quickstart
+    # 2-core CPU, sized for about 45 minutes: many episodes (30 x 2 seeds), small models (docs/results.md)
     python -m launch.reproduce --config=configs/paper.py:cpu --workdir=runs/paper_cpu
 
 Same stages as configs/quickstart.py (see mdt_jax/reproduce.py). The paper trained on D4RL's
@@ -43,21 +43,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.claims_min_effect = 1.0
     c.bootstrap_reps = 2000
     if arg == "cpu":
+        # sized for about 45 minutes on an idle 2-core CPU, spent where the variance is: many
+        # evaluation episodes per seed (the claims' CIs are over seeds x episodes) and small,
+        # quickly trained models, rather than wider ones
         c.seeds = "0,1"
         c.data.transitions = 100_000
-        t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 2_000, 250, 1_000, 250
-        t.model.hidden_size, t.model.n_layer, t.model.context_len = 64, 2, 20
-        t.train.batch_size, t.train.learning_rate, t.train.warmup_steps = 64, 1e-3, 300
-        c.large.hidden_size = 128
-        c.multi.model = dict(hidden_size=128, n_layer=2, n_head=2, activation="gelu_new")
-        c.multi.num_steps, c.multi.finetune_steps = 2_000, 500
+        t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 1_000, 250, 1_000, 250
+        t.model.hidden_size, t.model.n_layer, t.model.n_head, t.model.context_len = 32, 2, 1, 20
+        t.train.batch_size, t.train.learning_rate, t.train.warmup_steps = 32, 1e-3, 100
+        c.large.hidden_size = 64
+        c.multi.model = dict(hidden_size=64, n_layer=2, n_head=2, activation="gelu_new")
+        c.multi.num_steps, c.multi.batch_size, c.multi.finetune_steps = 1_000, 32, 300
         c.multi.finetune_train = dict(learning_rate=3e-4, warmup_steps=50)
-        c.p1_finetune.num_steps = 500
-        c.fisher.num_batches = 50
+        c.p1_finetune.num_steps = 300
+        c.fisher.num_batches, c.fisher.batch_size = 20, 32
         c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
-        c.eval = ml_collections.ConfigDict(dict(episodes=20, max_steps=1000, executor="auto",
-                                                select_seeds="1000,1001"))
-        c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=100_000, num_steps=2_000,
-                                                    batch_size=64))
-        c.claims_min_effect = 0.5
+        c.merge.ta_lams = "0.5,1"
+        c.merge.ties_ks = "0.2,0.5"
+        c.merge.dare_ps = "0.3"
+        c.eval = ml_collections.ConfigDict(dict(episodes=30, max_steps=1000, executor="auto", select_seeds="1000,1001"))
+        c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=100_000, num_steps=1_000,
+                                                    batch_size=32))
+        c.search = ml_collections.ConfigDict(dict(popsize=8, generations=5, episodes=3, groups="blocks"))
+        c.claims_min_effect = 1.0
+        c.bootstrap_reps = 2000
     return c

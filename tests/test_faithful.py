@@ -244,3 +244,23 @@ def test_best_checkpoint_on_selection_episodes_next_to_last(tmp_path):
     r = subprocess.run(_cli(tmp_path / "bad", path, "--config.eval_every=40"), cwd=ROOT, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 2 and "select_episodes" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_init_trunk_from_takes_blocks_and_ln_f_and_refuses_other_shapes(tmp_path):
+    from mdt_jax import checkpoint
+    from mdt_jax.run import trunk_from_checkpoint
+
+    src_cfg = DTConfig.multi_task(TASKS, **SMALL)
+    src = init_params(src_cfg, jax.random.key(5))
+    path = checkpoint.save(str(tmp_path / "mt"), src, src_cfg, {"kind": "multi_task"})
+    cfg = DTConfig(state_dim=11, act_dim=3, **SMALL)
+    own = init_params(cfg, jax.random.key(6))
+    out = trunk_from_checkpoint(cfg, own, path)
+    for k in out:
+        want = src[k] if (k.startswith("block_") or k == "ln_f") else own[k]
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out[k]), jax.tree.leaves(want))), k
+    with pytest.raises(ValueError, match="init_trunk_from.*hidden_size: 16 in .*, 32 here"):
+        trunk_from_checkpoint(cfg.replace(hidden_size=32), init_params(cfg.replace(hidden_size=32), jax.random.key(0)),
+                              path)
+    with pytest.raises(ValueError, match="n_head"):
+        trunk_from_checkpoint(cfg.replace(n_head=4), own, path)
