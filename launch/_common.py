@@ -13,6 +13,22 @@ USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsErr
                FloatingPointError)
 
 
+def enable_compile_cache() -> str:
+    """XLA's persistent compilation cache, on by default for every launcher: `$MDT_JAX_CACHE`, else
+    `~/.cache/mdt_jax/xla`, unless a cache directory is set already (JAX_COMPILATION_CACHE_DIR or
+    jax.config). Every program is cached, however quick its compile, so a second process running
+    the same shapes compiles nothing. Returns the directory in use."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        path = os.environ.get("MDT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mdt_jax", "xla")
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax.config.jax_compilation_cache_dir
+
+
 def run_or_exit(fn, *args, **kwargs):
     """Call fn; a user-facing error prints `error: ...` to stderr and exits with status 2.
 
@@ -50,6 +66,7 @@ def config_app(default_config: str, fn: str, workdir_help: str):
         from mdt_jax.sharding import initialize_distributed
 
         initialize_distributed()  # multi-host when launched so (see README), else nothing
+        enable_compile_cache()
         module, name = fn.rsplit(".", 1)
         print(run_or_exit(getattr(importlib.import_module(module), name), config.value, workdir.value))
 
