@@ -134,7 +134,9 @@ def ties_oracle(base, models, k, lam, paths):
     fallback, disjoint_merge 'mean') on the flattened task vectors of `paths`."""
     fb, fm = flat(base), [flat(m) for m in models]
     sizes = [fb[p].size for p in paths]
-    T = np.stack([np.concatenate([(m[p] - fb[p]).ravel() for p in paths]) for m in fm])  # (n, d)
+    # task vectors in float32, as the original's torch tensors (their rounding decides ties at the threshold)
+    T = np.stack([np.concatenate([(m[p].astype(np.float32) - fb[p].astype(np.float32)).astype(np.float64).ravel()
+                                  for p in paths]) for m in fm])  # (n, d)
     n, d = T.shape
     kk = d - int(d * k)
     kth = np.sort(np.abs(T), axis=1)[:, kk - 1:kk]  # torch.kthvalue(kk): kk-th smallest, 1-indexed
@@ -167,7 +169,8 @@ def test_ties_matches_the_original_code(k):
     n_zero_sign = 0
     for p in paths:
         np.testing.assert_allclose(got[p], want[p], rtol=1e-6, atol=1e-6, err_msg=p)
-    T = np.stack([np.concatenate([(flat(m)[p] - flat(base)[p]).ravel() for p in paths]) for m in models])
+    T = np.stack([np.concatenate([(flat(m)[p].astype(np.float32) - flat(base)[p].astype(np.float32)).ravel()
+                                  for p in paths]) for m in models])
     d = T.shape[1]
     assert d * k != int(d * k) or k == 0.5  # the non-integer count case is covered
     n_zero_sign = int((T.sum(0) == 0).sum())
