@@ -324,23 +324,31 @@ def compute_fisher(cfg: DTConfig, params, data: SegmentData, rng: jax.Array, *, 
     sel = subset_selection(params, subset)
     run = functools.partial(_from_data, cfg, params, num_batches=num_batches, batch_size=batch_size,
                             method=method, sel=sel, chunk=chunk, mesh=mesh)
+    return over_tasks(cfg, data, rng, task, run, average_tasks, FisherError, "a multi-task Fisher")
+
+
+def over_tasks(cfg: DTConfig, data, rng, task, run: Callable, average: Callable, error: type[Exception], what: str):
+    """A per-model statistic over its data, the reference's way (`compute_fisher` / `_multi`):
+    `run(data, rng, task_id)` on a single-task model's data; on one task's data of a multi-task
+    model (`task`: the reference's spec_info); or on every task of a multi-task model (data stacked
+    per task, one fold_in key each) and `average`d over tasks. Shared by the Fisher and the Grams."""
     stacked = data.traj_lens.ndim == 2
     if not cfg.multi:
         if task is not None or stacked:
-            raise FisherError("task: a single-task model takes one task's (unstacked) SegmentData and no task")
+            raise error("task: a single-task model takes one task's (unstacked) SegmentData and no task")
         return run(data, rng, None)
     if task is not None:
         t = cfg.task_index(task) if isinstance(task, str) else int(task)
         if not 0 <= t < len(cfg.tasks) or stacked:
-            raise FisherError(f"task: {task!r} must name one of {cfg.task_names}, with that task's unstacked data")
+            raise error(f"task: {task!r} must name one of {cfg.task_names}, with that task's unstacked data")
         return run(pad_to(data, cfg.state_dim, cfg.act_dim), rng, jnp.int32(t))
     T = len(cfg.tasks)
     if not stacked or data.traj_lens.shape[0] != T:
-        raise FisherError(f"data: a multi-task Fisher over every task needs SegmentData stacked over the "
-                          f"model's {T} tasks {cfg.task_names} (stack_segment_data), or pass task=")
+        raise error(f"data: {what} over every task needs SegmentData stacked over the model's {T} tasks "
+                    f"{cfg.task_names} (stack_segment_data), or pass task=")
     keys = jax.vmap(functools.partial(jax.random.fold_in, rng))(jnp.arange(T))
     per_task = jax.lax.map(lambda a: run(*a), (data, keys, jnp.arange(T, dtype=jnp.int32)))
-    return average_tasks(per_task)
+    return average(per_task)
 
 
 # ----------------------------------------------------------------------------------- artifacts

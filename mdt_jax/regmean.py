@@ -69,7 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import merge as M, subsets
-from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
+from mdt_jax.data.sampler import SegmentData, sample_batch
+from mdt_jax.fisher import over_tasks
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig, Linear, apply
 
@@ -219,23 +220,7 @@ def compute_grams(cfg: DTConfig, params, data: SegmentData, *, num_batches: int,
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise GramError(f"{name}: must be a positive int, got {v!r}")
     run = functools.partial(_from_data, cfg, params, num_batches=num_batches, batch_size=batch_size)
-    stacked = data.traj_lens.ndim == 2
-    if not cfg.multi:
-        if task is not None or stacked:
-            raise GramError("task: a single-task model takes one task's (unstacked) SegmentData and no task")
-        return run(data, rng, None)
-    if task is not None:
-        t = cfg.task_index(task) if isinstance(task, str) else int(task)
-        if not 0 <= t < len(cfg.tasks) or stacked:
-            raise GramError(f"task: {task!r} must name one of {cfg.task_names}, with that task's unstacked data")
-        return run(pad_to(data, cfg.state_dim, cfg.act_dim), rng, jnp.int32(t))
-    T = len(cfg.tasks)
-    if not stacked or data.traj_lens.shape[0] != T:
-        raise GramError(f"data: multi-task Grams over every task need SegmentData stacked over the model's "
-                        f"{T} tasks {cfg.task_names} (stack_segment_data), or pass task=")
-    keys = jax.vmap(functools.partial(jax.random.fold_in, rng))(jnp.arange(T))
-    per_task = jax.lax.map(lambda a: run(*a), (data, keys, jnp.arange(T, dtype=jnp.int32)))
-    return average_tasks(per_task)
+    return over_tasks(cfg, data, rng, task, run, average_tasks, GramError, "multi-task Grams")
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -205,22 +205,13 @@ def random_policy_rows(tasks, *, episodes: int, max_steps: int, seed: int) -> li
     """A uniform-random policy (the 'random' data's policy) from the evaluator's episode starts."""
     from mdt_jax import evaluate as ev
     from mdt_jax.behaviour.collect import uniform_policy
+    from mdt_jax.behaviour.reference import rollout_returns
 
     rows = []
     for name in tasks:
         task = envs.get_task(name)
-        qpos, qvel = ev.reset_states(task, episodes, seed)
-        env = envs.NativeBatchEnv(task, episodes)
-        obs = env.set_state(qpos, qvel)
-        policy, rng = uniform_policy(task.act_dim), np.random.default_rng([seed, 1])
-        ret, length, done = np.zeros(episodes), np.zeros(episodes, np.int64), np.zeros(episodes, bool)
-        for _ in range(max_steps):
-            obs, r, term, trunc, _info = env.step(policy(obs, rng))
-            ret += np.where(done, 0.0, r)
-            length += ~done
-            done |= term | trunc
-            if done.all():
-                break
+        ret, length = rollout_returns(name, uniform_policy(task.act_dim), episodes, seed, rng_stream=1,
+                                      max_steps=max_steps)
         res = ev.TaskResult(name, ret[None], length[None], np.zeros((1, episodes), np.int64), task.target_return)
         rows.append(res.summary())
     return rows
