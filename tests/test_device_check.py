@@ -47,18 +47,25 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+# The toy study step is the tiny study of tests/test_reproduce.py run through the CLI again (about
+# 4 minutes of CI on a cold cache); it runs here only with MDT_JAX_FULL_DEVICE_CHECK=1.
+FULL = os.environ.get("MDT_JAX_FULL_DEVICE_CHECK", "") == "1"
+
+
 def test_toy_run_reports_every_step_ok_and_writes_nothing_in_the_repo(tmp_path):
     before = _git_status()
     out, work = tmp_path / "out", tmp_path / "work"
+    steps_run = list(D.STEPS) if FULL else [s for s in D.STEPS if s != "study"]
     # a generous budget: a cold compilation cache on 2 shared cores takes several minutes
-    proc = _check(tmp_path, "--toy", "--out", str(out), "--workdir", str(work), "--budget", "1000")
+    proc = _check(tmp_path, "--toy", "--out", str(out), "--workdir", str(work), "--budget", "1000",
+                  "--only", ",".join(steps_run))
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     with open(out / "device_check.json") as f:
         rep = json.load(f)
-    assert rep["toy"] is True and rep["order"] == list(D.STEPS)
+    assert rep["toy"] is True and rep["order"] == steps_run
     steps = rep["steps"]
-    for name in D.STEPS:
+    for name in steps_run:
         assert steps[name]["status"] == "ok", (name, steps[name].get("error"))
         assert _finite(steps[name]["seconds"]) and steps[name]["seconds"] > 0
         assert name in proc.stdout  # the table
@@ -77,10 +84,11 @@ def test_toy_run_reports_every_step_ok_and_writes_nothing_in_the_repo(tmp_path):
         for k in ("floor_fraction", "cold_s", "warm_s"):
             assert all(_finite(v) and v > 0 for v in r[k].values()), (k, r[k])
         assert 0 < r["floor_fraction"]["alone"] < 1.5  # a fraction of the FLOP floor (the peak is measured, noisy)
-    st = steps["study"]
-    assert st["rows"] > 0 and st["claims"] > 0 and st["models_trained"] > 0
-    with open(work / "study" / "results.json") as f:
-        assert len(json.load(f)["rows"]) == st["rows"]
+    if FULL:
+        st = steps["study"]
+        assert st["rows"] > 0 and st["claims"] > 0 and st["models_trained"] > 0
+        with open(work / "study" / "results.json") as f:
+            assert len(json.load(f)["rows"]) == st["rows"]
     assert _git_status() == before  # nothing written in the repository, ignored files included
     # an existing report is never overwritten; refused before any step runs
     again = _check(tmp_path, "--toy", "--out", str(out), "--workdir", str(tmp_path / "w2"))
