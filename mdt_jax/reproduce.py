@@ -218,7 +218,8 @@ def random_policy_rows(tasks, *, episodes: int, max_steps: int, seed: int) -> li
 
 
 def _tag(rows: list[dict], seed: int, **fields) -> list[dict]:
-    return [r | fields | {"seed": seed} for r in rows]
+    # every model a study evaluates is its training run's last checkpoint (the configs' save_mode)
+    return [{"checkpoint_mode": "last"} | r | fields | {"seed": seed} for r in rows]
 
 
 def pretrain(config, workdir: str, tasks: list[str]) -> str:
