@@ -236,20 +236,27 @@ def _hf_files(src) -> tuple[Any, dict | None]:
         raise InteropError(f"{cfg_path} is not valid JSON: {e}") from None
 
 
+def check_gpt2_trunk(c: Mapping, defaults: Mapping, where: str) -> None:
+    """A GPT-2 config (completed with `defaults`) whose trunk our blocks compute exactly, or an error.
+
+    Attention must be softmax(q k^T / sqrt(head_dim)). reorder_and_upcast_attn only changes the
+    precision path of that same product (identical in float32), so it is accepted.
+    """
+    for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if c[key] != defaults[key]:
+            raise InteropError(f"{where}: {key}={c[key]!r} is not supported (only {defaults[key]!r}): "
+                               "our attention is always softmax(q k^T / sqrt(head_dim)) with no cross-attention")
+    if c["activation_function"] not in HF_ACTIVATIONS:
+        raise InteropError(f"{where}: activation_function {c['activation_function']!r} is not supported; "
+                           f"choose from {sorted(HF_ACTIVATIONS)}")
+
+
 def _config_from_hf(hf: Mapping, context_len: int | None, dropout: float | None) -> tuple[DTConfig, dict]:
     """Our DTConfig from an HF config.json dict; also returns the dict completed with HF defaults."""
     c = {**HF_DEFAULTS, **hf}
     if c["model_type"] != "decision_transformer":
         raise InteropError(f"config.json: model_type {c['model_type']!r} is not 'decision_transformer'")
-    # Attention must be softmax(q k^T / sqrt(head_dim)). reorder_and_upcast_attn only changes the
-    # precision path of that same product (identical in float32), so it is accepted.
-    for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if c[key] != HF_DEFAULTS[key]:
-            raise InteropError(f"config.json: {key}={c[key]!r} is not supported (only {HF_DEFAULTS[key]!r}): "
-                               "our attention is always softmax(q k^T / sqrt(head_dim)) with no cross-attention")
-    if c["activation_function"] not in HF_ACTIVATIONS:
-        raise InteropError(f"config.json: activation_function {c['activation_function']!r} is not supported; "
-                           f"choose from {sorted(HF_ACTIVATIONS)}")
+    check_gpt2_trunk(c, HF_DEFAULTS, "config.json")
     if float(c["layer_norm_epsilon"]) != 1e-5:
         raise InteropError(f"config.json: layer_norm_epsilon={c['layer_norm_epsilon']} is not supported: transformers' "
                            "embed_ln always uses 1e-5 and our DT has one eps for every LayerNorm")

@@ -131,13 +131,7 @@ def _gpt2_config(path: str) -> dict:
     c = {**GPT2_DEFAULTS, **raw}
     if c["model_type"] != "gpt2":
         raise InteropError(f"{path}: model_type {c['model_type']!r} is not 'gpt2'")
-    for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if c[key] != GPT2_DEFAULTS[key]:
-            raise InteropError(f"{path}: {key}={c[key]!r} is not supported (only {GPT2_DEFAULTS[key]!r}): our "
-                               "attention is always softmax(q k^T / sqrt(head_dim)) with no cross-attention")
-    if c["activation_function"] not in interop.HF_ACTIVATIONS:
-        raise InteropError(f"{path}: activation_function {c['activation_function']!r} is not supported; "
-                           f"choose from {sorted(interop.HF_ACTIVATIONS)}")
+    interop.check_gpt2_trunk(c, GPT2_DEFAULTS, path)
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
             raise InteropError(f"{path}: {key} must be a positive int, got {c[key]!r}")
