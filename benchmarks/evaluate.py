@@ -203,14 +203,14 @@ def breakdown(cfg, params, task: str, E: int, lengths: np.ndarray, calls: int = 
     from each part timed alone (median) x the number of loop steps that ran it."""
     T, K = int(lengths.max()), cfg.context_len
     live = (lengths[0][None, :] > np.arange(T)[:, None]).sum(1)  # live episodes at each step
-    buckets = np.asarray([ev._bucket(int(n), E) for n in live])
+    buckets = np.asarray([ev.bucket(int(n), E) for n in live])
     stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], params)
     policy = {}
     for b in sorted(set(buckets.tolist())):
         window = [np.zeros((1, b, K, cfg.state_dim), np.float32), np.zeros((1, b, K, cfg.act_dim), np.float32),
                   np.zeros((1, b, K, 1), np.float32), np.full((1, b, K), 500, np.int32)]
         mask = np.ones((b, K), np.float32)
-        s = median_time(lambda: np.asarray(ev._native_policy(cfg, False, stacked, window, mask, None)), calls)
+        s = median_time(lambda: np.asarray(ev.native_policy(cfg, False, stacked, window, mask, None)), calls)
         policy[b] = (int((buckets == b).sum()), s)
     env = envs.NativeBatchEnv(task, E)
     env.reset(0)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdt_jax.fisher import _sum_squares, fisher_from_batches  # noqa: E402
+from mdt_jax.fisher import sum_squares, fisher_from_batches  # noqa: E402
 from mdt_jax.models import DTConfig, init_params  # noqa: E402
 from mdt_jax.train import action_loss  # noqa: E402
 
@@ -82,7 +82,7 @@ def run(batches: int = 4, repeats: int = 7, batch_size: int = 64, hidden_size: i
     calls = {m: (lambda m=m: jax.block_until_ready(fisher_from_batches(cfg, params, data, rng, method=m)))
              for m in ("faithful", "exact")}
     if baselines:
-        for name, reduce in (("vmap_grad_sum0", lambda g: jnp.sum(g * g, 0)), ("vmap_grad_unrolled", _sum_squares)):
+        for name, reduce in (("vmap_grad_sum0", lambda g: jnp.sum(g * g, 0)), ("vmap_grad_unrolled", sum_squares)):
             fn = vmap_grad_fisher(cfg, reduce)
             calls[name] = lambda fn=fn: jax.block_until_ready(fn(params, data, rng))
     for call in calls.values():

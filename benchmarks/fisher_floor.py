@@ -32,7 +32,7 @@ from mdt_jax import merge as M, pipelines as P  # noqa: E402
 
 def old_fisher(models, fishers, subset, normalize):
     """The formula before the fix: trace over the merged subset, 1e-8 added to every f_i."""
-    mask = M.subset_mask(M._one(models), subset)
+    mask = M.subset_mask(M.first_model(models), subset)
     n = jax.tree.leaves(models)[0].shape[0]
     sel = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m]
     trace = sum(jnp.sum(f.reshape(n, -1), axis=1) for f in sel)
@@ -49,7 +49,7 @@ def old_fisher(models, fishers, subset, normalize):
 def shift(models, fishers, subset):
     out = {}
     avg = M.weighted_average(models, subset=subset)
-    mask = M.subset_mask(M._one(models), subset)
+    mask = M.subset_mask(M.first_model(models), subset)
     for normalize in (True, False):
         new = M.fisher_weighted(models, fishers, subset=subset, normalize_trace=normalize)
         old = old_fisher(models, fishers, subset, normalize)

@@ -89,7 +89,7 @@ def study_shapes(which: str, group: int = 0) -> list[Shape]:
     """The four trained shapes of a study config (module doc), with G = `group` if > 0."""
     from mdt_jax.pipelines import P2_FINETUNE
     from mdt_jax.reproduce import parse_seeds
-    from mdt_jax.run import _plain, model_config, split_list, task_dims, train_config
+    from mdt_jax.run import config_dict, model_config, split_list, task_dims, train_config
 
     if not isinstance(group, int) or group < 0:
         raise ValueError(f"--group: must be an int >= 0 (0: the study's own count), got {group!r}")
@@ -98,16 +98,16 @@ def study_shapes(which: str, group: int = 0) -> list[Shape]:
     n_seeds = len(parse_seeds(c.seeds))
     dims = [task_dims(t) for t in tasks]
     S, A = max(d[0] for d in dims), max(d[1] for d in dims)
-    base = _plain(c.train.model)
-    tr = _plain(c.train.train)
-    multi_model = base | _plain(c.multi.model)
+    base = config_dict(c.train.model)
+    tr = config_dict(c.train.train)
+    multi_model = base | config_dict(c.multi.model)
     multi_tasks = [(t, *task_dims(t)) for t in tasks]
     ft_train = tr | {k: ",".join(v) if isinstance(v, tuple) else v for k, v in P2_FINETUNE.items()} \
-        | _plain(c.multi.finetune_train)
+        | config_dict(c.multi.finetune_train)
     per_model = group or len(tasks) * n_seeds
     out = [Shape(f"{which}/single", "single", model_config(base, S, A), train_config(tr), tasks, per_model)]
     if len(c.large):
-        out.append(Shape(f"{which}/large", "large", model_config(base | _plain(c.large), S, A), train_config(tr),
+        out.append(Shape(f"{which}/large", "large", model_config(base | config_dict(c.large), S, A), train_config(tr),
                          tasks, per_model))
     out.append(Shape(f"{which}/multi", "multi", model_config(multi_model, 0, 0, tasks=multi_tasks),
                      train_config(tr | {"batch_size": c.multi.batch_size}), tasks, group or n_seeds))

@@ -45,11 +45,9 @@ def run_or_exit(fn, *args, **kwargs):
         sys.exit(2)
 
 
-def config_app(default_config: str, fn: str, workdir_help: str):
+def config_app(default_config: str, fn, workdir_help: str):
     """Define --config (an ml_collections config file, locked) and --workdir; return an absl main
-    that calls `fn(config, workdir)` ("module.function", imported when run) and prints its result."""
-    import importlib
-
+    that calls `fn(config, workdir)` and prints its result."""
     from absl import app
     from ml_collections import config_flags
 
@@ -67,8 +65,7 @@ def config_app(default_config: str, fn: str, workdir_help: str):
 
         initialize_distributed()  # multi-host when launched so (see README), else nothing
         enable_compile_cache()
-        module, name = fn.rsplit(".", 1)
-        print(run_or_exit(getattr(importlib.import_module(module), name), config.value, workdir.value))
+        print(run_or_exit(fn, config.value, workdir.value))
 
     return main
 

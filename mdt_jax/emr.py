@@ -128,11 +128,11 @@ def emr_elect(base, models, *, subset=P2_SUBSET, frozen: Sequence[str] = FROZEN,
     finetuned from it); task vectors identically zero on `subset` for every model; non-finite
     values. The value checks run when the inputs are concrete (outside jit).
     """
-    N = M._num_models(models)
+    N = M.num_models(models)
     names = list(names or [f"finetune {i}" for i in range(N)])
     if len(names) != N:
         raise M.MergeError(f"{len(names)} names for {N} models")
-    M.check_compatible([base, M._one(models)], ["base", "finetunes"])
+    M.check_compatible([base, M.first_model(models)], ["base", "finetunes"])
     sel = M.subset_mask(base, subset)
     if not any(bool(s) for s in jax.tree.leaves(sel)):
         raise M.MergeError(f"subset {subset!r} selects no parameter")

@@ -139,12 +139,12 @@ def reset_states(task: envs.Task, episodes: int, seed: int) -> tuple[np.ndarray,
     return env.state()
 
 
-def _bucket(n: int, cap: int) -> int:
+def bucket(n: int, cap: int) -> int:
     return min(cap, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _native_policy(cfg, vmapped, params, window, mask, task_id):
+def native_policy(cfg, vmapped, params, window, mask, task_id):
     """Actions (M, b, A) of M candidates for their windows (M, b, K, ...) (oldest-first, as
     `context_view` gives them) and the shared mask (b, K).
 
@@ -189,7 +189,7 @@ def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_
         n_live = live.sum(1)
         if not n_live.any():
             break
-        b = _bucket(int(n_live.max()), E)
+        b = bucket(int(n_live.max()), E)
         # per candidate: its live episodes first, padded with finished ones
         idx = np.argsort(done, axis=1, kind="stable")[:, :b]
         slot = t % K  # write step t (state, rtg, timestep, zero action) as `policy_step` does
@@ -205,7 +205,7 @@ def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_
                 w[:, :, ~valid] = 0
         if shard:
             window = jax.device_put(window, shard)
-        a = np.asarray(_native_policy(cfg, bool(shard), params, window,
+        a = np.asarray(native_policy(cfg, bool(shard), params, window,
                                       np.broadcast_to(valid.astype(np.float32), (b, K)), tid))
         acts[cand, idx, slot] = a
         a = a[..., :task.act_dim]

@@ -189,11 +189,11 @@ def _exact_squares(cfg: DTConfig, params, sel_paths: list[str], batch: dict, key
                     grads[name] = grads[name] + part if name in grads else part
             for name, g in grads.items():
                 k = f"{path}/{name}"
-                sq[k] = sq[k] + _sum_squares(g) if k in sq else _sum_squares(g)
+                sq[k] = sq[k] + sum_squares(g) if k in sq else sum_squares(g)
     return [sq[p] if p in sq else jnp.zeros_like(leaves[p]) for p in sel_paths]
 
 
-def _sum_squares(g: jax.Array) -> jax.Array:
+def sum_squares(g: jax.Array) -> jax.Array:
     """sum_i g[i]^2 as unrolled elementwise adds: one loop fusion, where XLA:CPU's reduce over the
     major axis of a large array runs ~5x slower (measured: benchmarks/fisher.py)."""
     return sum(jnp.square(g[i]) for i in range(g.shape[0]))
@@ -412,7 +412,7 @@ def load_fisher(directory) -> tuple[FisherResult, dict]:
 
 # ------------------------------------------------------------------ edge: config -> Fisher files
 
-def _task_data(path: str, state_dim: int, act_dim: int, stats: dict | None, cfg: DTConfig, rtg_scale: float,
+def task_data(path: str, state_dim: int, act_dim: int, stats: dict | None, cfg: DTConfig, rtg_scale: float,
                what: str) -> SegmentData:
     """One task's SegmentData normalised with the checkpoint's own stats (not the dataset's)."""
     from mdt_jax.behaviour.datasets import resolve_dataset
@@ -505,11 +505,11 @@ def fisher_from_config(config, workdir: str) -> str:
             raise ValueError(f"config.dataset: expected one dataset for task {task!r}, got {len(datasets)}")
         if cfg.multi:
             spec = cfg.tasks[cfg.task_index(task)]
-            data = _task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
+            data = task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
                               rtg_scale, f"task {task!r}")
             result = compute_fisher(cfg, params, data, rng, task=task, **common)
         else:
-            data = _task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
+            data = task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
             result = compute_fisher(cfg, params, data, rng, **common)
         tasks = [task]
     else:
@@ -517,7 +517,7 @@ def fisher_from_config(config, workdir: str) -> str:
         if len(datasets) != len(tasks):
             raise ValueError(f"config.dataset: the model has tasks {tasks}; give one dataset per task in that "
                              f"order, got {len(datasets)}")
-        datas = [_task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
+        datas = [task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
                             f"task {t.name!r}") for p, t in zip(datasets, cfg.tasks)]
         result = compute_fisher(cfg, params, stack_segment_data(datas), rng, **common)
     result = jax.device_get(result)

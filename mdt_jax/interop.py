@@ -3,7 +3,7 @@ reference merging code's checkpoints (github.com/daniellawson9999/merging-decisi
 
 Both PyTorch models hold the same GPT-2 trunk (``{trunk}h.{i}.ln_1 / attn.c_attn / attn.c_proj /
 ln_2 / mlp.c_fc / mlp.c_proj``, ``{trunk}ln_f``; trunk ``encoder.`` in transformers,
-``transformer.`` in the reference) and the same DT heads. One table (`_table`) maps every module
+``transformer.`` in the reference) and the same DT heads. One table (`key_table`) maps every module
 of ours to its torch name, and serves both directions:
 
 - GPT-2 ``Conv1D`` weights are stored (in, out) like our kernels: copied as is;
@@ -53,13 +53,13 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _HEADS = ("embed_return", "embed_state", "embed_action", "embed_ln", "predict_action", "predict_state",
           "predict_return")
-_LEAVES = {  # module kind -> (our leaf, torch leaf, transpose)
+LEAVES = {  # module kind -> (our leaf, torch leaf, transpose)
     "linear": (("kernel", "weight", True), ("bias", "bias", False)),
     "conv1d": (("kernel", "weight", False), ("bias", "bias", False)),
     "ln": (("scale", "weight", False), ("bias", "bias", False)),
     "embed": (("embedding", "weight", False),),
 }
-_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older GPT-2 code, not params
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older GPT-2 code, not params
 _RESAVE = """\
 Re-save it as a plain state dict, in an environment where the reference code is importable and
 only if you trust the file:
@@ -86,7 +86,7 @@ def _torch_head(name: str, task: int | None) -> str:
     return base + ".0" if name == "predict_action" else base  # nn.Sequential(Linear, Tanh)
 
 
-def _table(cfg: DTConfig, trunk: str) -> list[tuple[str, str, str]]:
+def key_table(cfg: DTConfig, trunk: str) -> list[tuple[str, str, str]]:
     """[(our module path, torch module name, kind)] covering every param of `cfg`'s DT."""
     rows = [("embed_timestep", "embed_timestep", "embed"), ("ln_f", trunk + "ln_f", "ln")]
     for i in range(cfg.n_layer):
@@ -107,22 +107,22 @@ def _get(tree, path: str):
     return tree
 
 
-def _set(tree: dict, path: str, value) -> None:
+def set_path(tree: dict, path: str, value) -> None:
     *parents, leaf = path.split("/")
     for k in parents:
         tree = tree.setdefault(k, {})
     tree[leaf] = value
 
 
-def _expected(cfg: DTConfig, table) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: DTConfig, table) -> dict[str, tuple[int, ...]]:
     """{torch key: shape} that `cfg`'s DT needs."""
     shapes = param_shapes(cfg)
     return {f"{theirs}.{tleaf}": tuple(reversed(s) if transpose else s)
-            for ours, theirs, kind in table for leaf, tleaf, transpose in _LEAVES[kind]
+            for ours, theirs, kind in table for leaf, tleaf, transpose in LEAVES[kind]
             for s in [_get(shapes, f"{ours}/{leaf}").shape]}
 
 
-def _check(tensors: Mapping[str, np.ndarray], want: Mapping[str, tuple], what: str) -> None:
+def check_tensors(tensors: Mapping[str, np.ndarray], want: Mapping[str, tuple], what: str) -> None:
     """Raise InteropError listing every missing, unexpected or mis-shaped key."""
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - got.keys())]
@@ -138,19 +138,19 @@ def _to_params(cfg: DTConfig, tensors: Mapping[str, np.ndarray], trunk: str, wha
                also: Mapping[str, tuple] | None = None) -> dict:
     """Params from torch-named tensors, after checking every key and shape (`also`: further keys
     the source must hold, with their shapes, that the caller uses outside the table)."""
-    table = _table(cfg, trunk)
-    _check(tensors, {**_expected(cfg, table), **(also or {})}, what)
+    table = key_table(cfg, trunk)
+    check_tensors(tensors, {**expected_shapes(cfg, table), **(also or {})}, what)
     params: dict = {}
     for ours, theirs, kind in table:
-        for leaf, tleaf, transpose in _LEAVES[kind]:
+        for leaf, tleaf, transpose in LEAVES[kind]:
             a = tensors[f"{theirs}.{tleaf}"]
-            _set(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
+            set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
     return params
 
 
 def _to_tensors(cfg: DTConfig, params, trunk: str) -> dict[str, np.ndarray]:
     return {f"{theirs}.{tleaf}": np.ascontiguousarray(a.T if transpose else a, np.float32)
-            for ours, theirs, kind in _table(cfg, trunk) for leaf, tleaf, transpose in _LEAVES[kind]
+            for ours, theirs, kind in key_table(cfg, trunk) for leaf, tleaf, transpose in LEAVES[kind]
             for a in [np.asarray(_get(params, f"{ours}/{leaf}"))]}
 
 
@@ -213,7 +213,7 @@ def _tensors(src, what: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # transformers' DecisionTransformerModel.
 
-def _hf_files(src) -> tuple[Any, dict | None]:
+def hf_files(src) -> tuple[Any, dict | None]:
     """(weights path or state dict, config.json contents or None) for an HF source."""
     if isinstance(src, Mapping):
         return src, None
@@ -289,14 +289,14 @@ def import_hf(path_or_state_dict, config: Mapping | None = None, *, context_len:
     The model gets ``timestep_embedding='before_ln'``, and HF's constant ``wpe[0]`` (added to
     every token after ``embed_ln``) is folded into ``embed_ln/bias``.
     """
-    weights, disk_config = _hf_files(path_or_state_dict)
+    weights, disk_config = hf_files(path_or_state_dict)
     config = config if config is not None else disk_config
     if config is None:
         raise InteropError("import_hf needs the HF config: pass config= (the config.json dict) "
                            "or a folder holding config.json")
     cfg, hf = _config_from_hf(config, context_len, dropout)
     what = "HF state dict" if isinstance(weights, Mapping) else weights
-    tensors = {k: v for k, v in _tensors(weights, what).items() if not k.endswith(_BUFFERS)}
+    tensors = {k: v for k, v in _tensors(weights, what).items() if not k.endswith(BUFFERS)}
     H = cfg.hidden_size
     outside_table = {"encoder.wte.weight": (hf["vocab_size"], H), "encoder.wpe.weight": (hf["n_positions"], H)}
     params = _to_params(cfg, tensors, "encoder.", what, also=outside_table)
@@ -380,7 +380,7 @@ def import_reference(path_or_state_dict, *, n_head: int = 1, context_len: int = 
     """
     what = "reference state dict" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
     tensors = {k: v for k, v in _tensors(path_or_state_dict, what).items()
-               if not (k.endswith(_BUFFERS) or k.startswith(("transformer.wte.", "transformer.wpe.")))}
+               if not (k.endswith(BUFFERS) or k.startswith(("transformer.wte.", "transformer.wpe.")))}
     H = _shape(tensors, "embed_ln.weight" if "embed_ln.weight" in tensors else "embed_lns.0.weight", what)[0]
     n_layer = len({k.split(".")[2] for k in tensors if k.startswith("transformer.h.")})
     inner = _shape(tensors, "transformer.h.0.mlp.c_fc.weight", what)[1]

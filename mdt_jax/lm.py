@@ -66,7 +66,7 @@ import numpy as np
 
 from mdt_jax import interop
 from mdt_jax.interop import InteropError
-from mdt_jax.models.dt import Block, DecisionTransformer, DTConfig, Dropout, _ln
+from mdt_jax.models.dt import Block, DecisionTransformer, DTConfig, Dropout, layer_norm
 
 GPT2_DEFAULTS = dict(  # transformers.GPT2Config defaults, for keys a config.json omits
     model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
@@ -115,7 +115,7 @@ class LMTrunk:
 
 def _trunk_rows(cfg: DTConfig) -> list:
     """interop's key table restricted to the trunk (blocks, ln_f), torch names without a prefix."""
-    return [r for r in interop._table(cfg, "") if r[0] == "ln_f" or r[0].startswith("block_")]
+    return [r for r in interop.key_table(cfg, "") if r[0] == "ln_f" or r[0].startswith("block_")]
 
 
 def _gpt2_config(path: str) -> dict:
@@ -162,9 +162,9 @@ def import_lm(folder: str | os.PathLike) -> LMTrunk:
     if not os.path.isfile(cfg_path):
         raise InteropError(f"{folder}: no config.json (expected a transformers save_pretrained folder)")
     c = _gpt2_config(cfg_path)
-    weights, _ = interop._hf_files(folder)
+    weights, _ = interop.hf_files(folder)
     tensors = interop.read_state_dict(weights)
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(interop._BUFFERS)}
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(interop.BUFFERS)}
     head = tensors.pop("lm_head.weight", None)
     H = c["n_embd"]
     try:
@@ -174,8 +174,8 @@ def import_lm(folder: str | os.PathLike) -> LMTrunk:
     except ValueError as e:
         raise InteropError(f"{cfg_path}: {e}") from None
     rows = _trunk_rows(probe)
-    want = {**interop._expected(probe, rows), "wte.weight": (c["vocab_size"], H), "wpe.weight": (c["n_positions"], H)}
-    interop._check(tensors, want, f"{weights} (GPT-2 LM)")
+    want = {**interop.expected_shapes(probe, rows), "wte.weight": (c["vocab_size"], H), "wpe.weight": (c["n_positions"], H)}
+    interop.check_tensors(tensors, want, f"{weights} (GPT-2 LM)")
     for k in sorted(tensors):
         if not np.all(np.isfinite(tensors[k])):
             raise InteropError(f"{weights}: non-finite values in {k}")
@@ -183,9 +183,9 @@ def import_lm(folder: str | os.PathLike) -> LMTrunk:
         raise InteropError(f"{weights}: lm_head.weight is not tied to wte.weight; only GPT-2's tied head is supported")
     params: dict = {}
     for ours, theirs, kind in rows:
-        for leaf, tleaf, transpose in interop._LEAVES[kind]:
+        for leaf, tleaf, transpose in interop.LEAVES[kind]:
             a = tensors[f"{theirs}.{tleaf}"]
-            interop._set(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
+            interop.set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
     return LMTrunk(params=params, wte=tensors["wte.weight"], wpe=tensors["wpe.weight"], n_embd=H,
                    n_layer=c["n_layer"], n_head=c["n_head"], activation_function=c["activation_function"],
                    layer_norm_epsilon=float(c["layer_norm_epsilon"]), n_inner=c["n_inner"],
@@ -257,7 +257,7 @@ def trunk_apply(cfg: DTConfig, params, x: jax.Array, mask: jax.Array | None = No
     for i in range(cfg.n_layer):
         x = Block(cfg).apply({"params": params[f"block_{i}"]}, x, bias, deterministic=det,
                              rngs=None if det else {"dropout": keys[i]})
-    return _ln(cfg, None).apply({"params": params["ln_f"]}, x)
+    return layer_norm(cfg, None).apply({"params": params["ln_f"]}, x)
 
 
 def lm_loss(cfg: DTConfig, params, lm: LMTrunk, tokens: jax.Array, *, rng: jax.Array | None = None,

@@ -82,7 +82,7 @@ def unstack(stacked) -> list:
     return [jax.tree.map(lambda x: x[i], stacked) for i in range(n)]
 
 
-def _one(stacked):
+def first_model(stacked):
     return jax.tree.map(lambda x: x[0], stacked)
 
 
@@ -102,12 +102,12 @@ def merged_fraction(params, subset: Subset) -> float:
     return subsets.fraction(params, subset_mask(params, subset))
 
 
-def _concrete(x) -> bool:
+def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
-    if not _concrete(value):
+def check_coefficient(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    if not is_concrete(value):
         return
     v = np.asarray(value, np.float64)
     if not np.all(np.isfinite(v)):
@@ -118,7 +118,7 @@ def _check(name: str, value, lo: float | None = None, hi: float | None = None, *
         raise MergeError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
 
 
-def _num_models(stacked) -> int:
+def num_models(stacked) -> int:
     sizes = {x.shape[0] if x.ndim else -1 for x in jax.tree.leaves(stacked)}
     if len(sizes) != 1 or -1 in sizes:
         raise MergeError("models must be stacked on a leading axis (use merge.stack([...]))")
@@ -127,24 +127,24 @@ def _num_models(stacked) -> int:
 
 def weighted_average(models, weights=None, *, subset: Subset = None, keep: int = 0):
     """sum_i w_i theta_i on `subset` (w uniform by default, else normalised to sum 1)."""
-    M = _num_models(models)
+    M = num_models(models)
     if weights is None:
         w = jnp.full((M,), 1.0 / M)
     else:
-        _check("weights", weights, 0.0)
+        check_coefficient("weights", weights, 0.0)
         w = jnp.asarray(weights, jnp.float32)
         if w.shape != (M,):
             raise MergeError(f"weights must have shape ({M},), got {w.shape}")
-        if _concrete(w) and float(w.sum()) <= 0:
+        if is_concrete(w) and float(w.sum()) <= 0:
             raise MergeError(f"weights must not all be zero, got {weights}")
         w = w / w.sum()
-    mask = subset_mask(_one(models), subset)
+    mask = subset_mask(first_model(models), subset)
     return jax.tree.map(lambda m, x: jnp.tensordot(w, x, axes=1).astype(x.dtype) if m else x[keep], mask, models)
 
 
 def lerp(a, b, p, *, subset: Subset = None):
     """a + p (b - a) on `subset`, `a` elsewhere; p in [0, 1]."""
-    _check("p", p, 0.0, 1.0)
+    check_coefficient("p", p, 0.0, 1.0)
     check_compatible([a, b], ["a", "b"])
     mask = subset_mask(a, subset)
     return jax.tree.map(lambda m, x, y: x + p * (y - x) if m else x, mask, a, b)
@@ -178,14 +178,14 @@ def fisher_weighted(models, fishers, *, normalize_trace: bool = True, trace_over
     if trace_over not in TRACE_SCOPES:
         raise MergeError(f"trace_over must be one of {TRACE_SCOPES}, got {trace_over!r}")
     if floor is not None:
-        _check("floor", floor, 0.0)
-    M = _num_models(models)
-    check_compatible([_one(models), _one(fishers)], ["models", "fishers"])
-    if _num_models(fishers) != M:
-        raise MergeError(f"{_num_models(fishers)} Fishers for {M} models")
-    mask = subset_mask(_one(models), subset)
+        check_coefficient("floor", floor, 0.0)
+    M = num_models(models)
+    check_compatible([first_model(models), first_model(fishers)], ["models", "fishers"])
+    if num_models(fishers) != M:
+        raise MergeError(f"{num_models(fishers)} Fishers for {M} models")
+    mask = subset_mask(first_model(models), subset)
     for p, f in jax.tree_util.tree_flatten_with_path(fishers)[0]:
-        if _concrete(f) and (not np.all(np.isfinite(np.asarray(f))) or np.any(np.asarray(f) < 0)):
+        if is_concrete(f) and (not np.all(np.isfinite(np.asarray(f))) or np.any(np.asarray(f) < 0)):
             raise MergeError(f"Fisher has negative or non-finite values at {subsets.path_str(p)}")
     scope = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m or trace_over == "fisher"]
     trace = sum(jnp.sum(f.reshape(M, -1), axis=1) for f in scope) if normalize_trace else None  # (M,)
@@ -199,7 +199,7 @@ def fisher_weighted(models, fishers, *, normalize_trace: bool = True, trace_over
             fi = jnp.where(t > 0, f / jnp.where(t > 0, t, 1.0), 0.0) if guard else f / t
         else:
             fi = f
-        if floor is not None and (not _concrete(floor) or float(floor) > 0):
+        if floor is not None and (not is_concrete(floor) or float(floor) > 0):
             fi = fi + floor
         num, den = jnp.sum(fi * x, axis=0), jnp.sum(fi, axis=0)
         if not guard:
@@ -212,13 +212,13 @@ def fisher_weighted(models, fishers, *, normalize_trace: bool = True, trace_over
 
 def task_vectors(base, models):
     """theta_i - base for every stacked model."""
-    check_compatible([base, _one(models)], ["base", "models"])
+    check_compatible([base, first_model(models)], ["base", "models"])
     return jax.tree.map(lambda b, x: x - b[None], base, models)
 
 
 def task_arithmetic(base, models, lam=1.0, *, subset: Subset = None):
     """base + lam * sum_i (theta_i - base) on `subset`, base elsewhere; lam >= 0."""
-    _check("lam", lam, 0.0)
+    check_coefficient("lam", lam, 0.0)
     tv = task_vectors(base, models)
     return jax.tree.map(lambda m, b, t: b + lam * jnp.sum(t, axis=0) if m else b, subset_mask(base, subset), base, tv)
 
@@ -246,7 +246,7 @@ def _topk_threshold(tv, mask, k):
     bits = [jax.lax.bitcast_convert_type(jnp.abs(t), jnp.int32).reshape(t.shape[0], -1)
             for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m]
     n = sum(b.shape[1] for b in bits)
-    if _concrete(k):
+    if is_concrete(k):
         kth = jnp.asarray(ties_keep_count(n, k), jnp.int32)
     else:
         kth = jnp.clip(jnp.floor(k * n) + 1, 1, n).astype(jnp.int32)
@@ -277,11 +277,11 @@ def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
     Returns base + lam * that on `subset`, base elsewhere. k in (0, 1] (k = 1 keeps everything;
     the original fails there).
     """
-    _check("k", k, 0.0, 1.0, lo_open=True)
-    _check("lam", lam, 0.0)
+    check_coefficient("k", k, 0.0, 1.0, lo_open=True)
+    check_coefficient("lam", lam, 0.0)
     tv = task_vectors(base, models)
     mask = subset_mask(base, subset)
-    M = _num_models(models)
+    M = num_models(models)
     thr = _topk_threshold(tv, mask, k)
     trimmed = [jnp.where(jnp.abs(t) >= thr.reshape((M,) + (1,) * (t.ndim - 1)), t, 0.0) if m else None
                for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask))]
@@ -304,7 +304,7 @@ def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
 def dare(base, models, p, rng, *, rescale: bool = True, subset: Subset = None):
     """Models whose task vectors had each entry dropped with probability p (and the rest scaled by
     1/(1-p) when `rescale`), stacked like `models`; merge them with task_arithmetic or ties."""
-    _check("p", p, 0.0, 1.0, hi_open=True)
+    check_coefficient("p", p, 0.0, 1.0, hi_open=True)
     tv = task_vectors(base, models)
     mask = subset_mask(base, subset)
     leaves, treedef = jax.tree.flatten(tv)

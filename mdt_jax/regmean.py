@@ -261,12 +261,12 @@ def regmean(models, grams, alpha=DEFAULT_ALPHA, *, subset=DEFAULT_SUBSET, keep: 
     Linear kernel is ``(sum_i G~_i)^-1 sum_i G~_i W_i`` and every other leaf the plain mean;
     outside it, model `keep`'s values. Pure and jittable; vmappable over `alpha` (in [0, 1],
     checked when concrete). Concrete singular Gram sums raise `MergeError` naming the layer."""
-    M._check("alpha", alpha, 0.0, 1.0)
-    n = M._num_models(models)
+    M.check_coefficient("alpha", alpha, 0.0, 1.0)
+    n = M.num_models(models)
     if not isinstance(keep, int) or not 0 <= keep < n:
         raise M.MergeError(f"keep must be a model index in [0, {n}), got {keep!r}")
     gmap = flat_grams(grams)
-    one = M._one(models)
+    one = M.first_model(models)
     mask = M.subset_mask(one, subset)
     leaves = {subsets.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(models)[0]}
     for path, G in gmap.items():
@@ -277,7 +277,7 @@ def regmean(models, grams, alpha=DEFAULT_ALPHA, *, subset=DEFAULT_SUBSET, keep: 
         if tuple(G.shape) != want:
             raise M.MergeError(f"grams: {path} has shape {tuple(G.shape)}, expected {want} "
                                f"({n} models x (in, in) for a kernel {tuple(W.shape[1:])})")
-        if M._concrete(G) and not np.all(np.isfinite(np.asarray(G))):
+        if M.is_concrete(G) and not np.all(np.isfinite(np.asarray(G))):
             raise M.MergeError(f"grams: non-finite values at {path}")
     trunk_linear = tuple(f"block_*/{name}/kernel" for name in TRUNK_LINEARS)
 
@@ -288,7 +288,7 @@ def regmean(models, grams, alpha=DEFAULT_ALPHA, *, subset=DEFAULT_SUBSET, keep: 
         module = path.rsplit("/", 1)[0]
         if path.endswith("/kernel") and module in gmap:
             merged, A, diag = _regmean_leaf(x, gmap[module], alpha)
-            if all(M._concrete(v) for v in (merged, A, alpha)):
+            if all(M.is_concrete(v) for v in (merged, A, alpha)):
                 _check_solvable(module, A, diag, merged, alpha)
             return merged
         if subsets.matches(path, trunk_linear):
@@ -369,7 +369,7 @@ def gram_from_config(config, workdir: str) -> str:
     `workdir` (grams/ + grams.json); returns a one-line summary."""
     from mdt_jax import checkpoint
     from mdt_jax.data import stack_segment_data
-    from mdt_jax.fisher import _task_data
+    from mdt_jax.fisher import task_data
 
     for f in ("num_batches", "batch_size"):
         if not isinstance(config[f], int) or config[f] <= 0:
@@ -393,11 +393,11 @@ def gram_from_config(config, workdir: str) -> str:
             raise ValueError(f"config.dataset: expected one dataset for task {task!r}, got {len(datasets)}")
         if cfg.multi:
             spec = cfg.tasks[cfg.task_index(task)]
-            data = _task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
+            data = task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
                               rtg_scale, f"task {task!r}")
             result = compute_grams(cfg, params, data, task=task, **common)
         else:
-            data = _task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
+            data = task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
             result = compute_grams(cfg, params, data, **common)
         tasks = [task]
     else:
@@ -405,7 +405,7 @@ def gram_from_config(config, workdir: str) -> str:
         if len(datasets) != len(tasks):
             raise ValueError(f"config.dataset: the model has tasks {tasks}; give one dataset per task in that "
                              f"order, got {len(datasets)}")
-        datas = [_task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
+        datas = [task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
                             f"task {t.name!r}") for p, t in zip(datasets, cfg.tasks)]
         result = compute_grams(cfg, params, stack_segment_data(datas), **common)
     result = jax.device_get(result)

@@ -38,7 +38,7 @@ import ml_collections
 
 from mdt_jax import checkpoint, envs
 from mdt_jax.fileio import write_json_atomic
-from mdt_jax.run import (_evaluate_rows, _plain, _stage, collect_dataset, merge_from_config, split_list,
+from mdt_jax.run import (evaluate_rows, config_dict, cached_stage, collect_dataset, merge_from_config, split_list,
                          train_from_config)
 
 SETS = ("independent", "common", "pretrained", "large")
@@ -165,7 +165,7 @@ def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_see
         c = search_cfg.get_config()
         c.method, c.base, c.checkpoints, c.seed = "lerp", mt, ",".join(fts), seed
         c.selection_seed, c.report_seed = str(select_seed), str(seed)
-        for k, v in _plain(config.search).items():
+        for k, v in config_dict(config.search).items():
             if k == "episodes":
                 c.eval.episodes = v
             else:
@@ -198,7 +198,7 @@ def _merge(config, workdir: str, seed: int, **fields) -> list[dict]:
 
 def _own_task_eval(config) -> ml_collections.ConfigDict:
     """configs/merge.py's eval settings from `config.eval`: single-task models on their own task only."""
-    return ml_collections.ConfigDict(_plain(config.eval) | {"own_task": True})
+    return ml_collections.ConfigDict(config_dict(config.eval) | {"own_task": True})
 
 
 def random_policy_rows(tasks, *, episodes: int, max_steps: int, seed: int) -> list[dict]:
@@ -254,7 +254,7 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
         common_init = name != "independent"
         models[name] = [_train(config, os.path.join(sdir, f"dt_{name}_{t}"), task=t, dataset=data[t],
                                seed=100 * seed + i, init_seed=100 * seed + (50 if common_init else 10 + i),
-                               model=_plain(config.large) if name == "large" else None,
+                               model=config_dict(config.large) if name == "large" else None,
                                init_trunk_from=pretrained if name == "pretrained" else "")
                         for i, t in enumerate(tasks)]
     for name in sets:
@@ -293,11 +293,11 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                          subset="attn+mlp")
     # the multi-task DT, its finetunes, P2 and P3
     mt = _train(config, os.path.join(sdir, "mt"), task=",".join(tasks), dataset=",".join(data[t] for t in tasks),
-                seed=100 * seed + 90, model=_plain(config.multi.model), num_steps=config.multi.num_steps,
+                seed=100 * seed + 90, model=config_dict(config.multi.model), num_steps=config.multi.num_steps,
                 train={"batch_size": config.multi.batch_size})
     from mdt_jax.pipelines import P2_FINETUNE
     ft_train = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in P2_FINETUNE.items()} \
-        | _plain(config.multi.finetune_train)
+        | config_dict(config.multi.finetune_train)
     fts = [_train(config, os.path.join(sdir, f"ft_{t}"), task=t, dataset=data[t], seed=100 * seed + 91 + i,
                   init_from=mt, num_steps=config.multi.finetune_steps, train=ft_train)
            for i, t in enumerate(tasks)]
@@ -338,7 +338,7 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     if sc is not None and sc.generations:
         rows += _tag(_search(config, os.path.join(sdir, "search_lerp"), mt, fts, seed, select_seed), seed,
                      pipeline="beyond", model="mt_finetunes", method="cma_lerp")
-    rows += _tag(_stage(sdir, "random", lambda: random_policy_rows(
+    rows += _tag(cached_stage(sdir, "random", lambda: random_policy_rows(
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")
     return rows
@@ -356,7 +356,7 @@ def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: in
     with ec.unlocked():
         ec.seed, ec.eval = seed, _own_task_eval(config)
     cfg, params, meta = checkpoint.load(model)
-    out = _stage(wd, "eval", lambda: _evaluate_rows(cfg, params, meta, ec))
+    out = cached_stage(wd, "eval", lambda: evaluate_rows(cfg, params, meta, ec))
     return _tag(out, seed, pipeline="p1", model="dt_common", method=f"{method}+finetune", subset="attn+mlp")
 
 
@@ -710,7 +710,7 @@ def reproduce(config, workdir: str) -> str:
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     # the claims' threshold and the compile cache change no stage: a run may be re-summarised with another
-    run_config_guard(workdir, {k: v for k, v in _plain(config).items() if k not in ("claims_min_effect", "compile_cache")})
+    run_config_guard(workdir, {k: v for k, v in config_dict(config).items() if k not in ("claims_min_effect", "compile_cache")})
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -726,7 +726,7 @@ def reproduce(config, workdir: str) -> str:
     per_seed = []
     for s in seeds:
         _log(f"seed {s}")
-        per_seed += _stage(os.path.join(workdir, f"seed_{s}"), "rows",
+        per_seed += cached_stage(os.path.join(workdir, f"seed_{s}"), "rows",
                            lambda: run_seed(config, workdir, tasks, data, s, pretrained))
     rows = pool_rows(per_seed)
     BOOTSTRAP["reps"] = int(config.get("bootstrap_reps", 2000))
@@ -749,7 +749,7 @@ def reproduce(config, workdir: str) -> str:
                                              "seed select_seeds[i]) and reported on the report episodes "
                                              "(reset seed seeds[i])"},
                        "datasets": behaviour,
-                       "per_seed_rows": per_seed, "config": _plain(config)})
+                       "per_seed_rows": per_seed, "config": config_dict(config)})
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     figs = write_figures(rows, tasks, workdir, estimates)

@@ -16,19 +16,19 @@ from mdt_jax.models.dt import DTConfig
 from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, run_config_guard
 
 
-def _plain(c) -> dict:
+def config_dict(c) -> dict:
     return c.to_dict() if hasattr(c, "to_dict") else dict(c)
 
 
 def model_config(model_cfg, state_dim: int, act_dim: int, tasks=()) -> DTConfig:
-    fields = _plain(model_cfg)
+    fields = config_dict(model_cfg)
     if tasks:
         return DTConfig.multi_task(tasks, **fields)
     return DTConfig(state_dim=state_dim, act_dim=act_dim, **fields)
 
 
 def train_config(train_cfg) -> TrainConfig:
-    return TrainConfig(**_plain(train_cfg))
+    return TrainConfig(**config_dict(train_cfg))
 
 
 def task_dims(task: str) -> tuple[int, int]:
@@ -221,7 +221,7 @@ def train_from_config(config, workdir: str) -> str:
     on_eval, eval_every = _best_keeper(config, cfg, meta, data, workdir, tasks)
     # the device count is not part of the run: a run may resume on other devices; the LM fields
     # are left out when off, so workdirs made before they existed still resume
-    run_config_guard(workdir, {k: v for k, v in _plain(config).items()
+    run_config_guard(workdir, {k: v for k, v in config_dict(config).items()
                                if k != "mesh_devices" and not (k in LM_FIELDS and lm is None)})
     if os.path.exists(os.path.join(model_dir, checkpoint.META_FILE)):
         print(f"already trained: {model_dir}")
@@ -237,7 +237,7 @@ def train_from_config(config, workdir: str) -> str:
                 log_every=config.log_every, sample=sample, desc=f"train {config.task}", mesh=mesh, aux_loss=aux,
                 eval_every=eval_every, on_eval=on_eval)
     meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
-             "seed": int(config.seed), "init_seed": int(init_seed), "train": _plain(config.train)}
+             "seed": int(config.seed), "init_seed": int(init_seed), "train": config_dict(config.train)}
     params = jax.device_get(state.params)
     save_mode = config.get("save_mode", "last")
     if jax.process_index() == 0:  # across hosts, process 0 writes the model and the others wait
@@ -412,7 +412,7 @@ def _floats(value) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
 
 
-def _stage(workdir: str, key: str, fn):
+def cached_stage(workdir: str, key: str, fn):
     """Run `fn()` once per workdir: its JSON result is kept in `workdir/stages/<key>.json` and reused."""
     path = os.path.join(workdir, "stages", f"{key}.json")
     if os.path.exists(path):
@@ -424,19 +424,19 @@ def _stage(workdir: str, key: str, fn):
     return out
 
 
-def _save_once(directory: str, params, cfg, meta) -> str:
+def save_once(directory: str, params, cfg, meta) -> str:
     """Save a checkpoint unless a complete one is already there (a resumed run)."""
     if os.path.exists(os.path.join(directory, checkpoint.META_FILE)):
         return os.path.abspath(directory)
     return checkpoint.save(directory, params, cfg, meta)
 
 
-def _load_fishers(paths: list[str]) -> list[dict]:
+def load_fishers(paths: list[str]) -> list[dict]:
     from mdt_jax.fisher import load_fisher
     return [load_fisher(p)[0].fisher for p in paths]
 
 
-def _evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
+def evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
     """Evaluate one model (or stacked candidates) on every task its dims fit; one row per (candidate, task)."""
     from mdt_jax import envs, evaluate as ev
 
@@ -479,7 +479,7 @@ def _merge_emr(config, workdir: str, cfg, order: list, meta: dict, record: dict,
         E.save_emr(out, emr, base=config.base, config=cfg, names=list(cfg.task_names), subset=subset,
                    metadata=meta_out)
     stats = {t: ev.stats_from_metadata(meta, t) for t in cfg.task_names}
-    return _stage(workdir, "eval_p2_emr", lambda: E.evaluate_task_models(
+    return cached_stage(workdir, "eval_p2_emr", lambda: E.evaluate_task_models(
         cfg, E.emr_stack(base, emr), stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
         seed=config.seed, executor=config.eval.executor, extra={"model": "p2_emr", "checkpoint": out}))
 
@@ -510,7 +510,7 @@ def merge_from_config(config, workdir: str) -> str:
                          f"({len(paths)}), got {len(split_list(config.grams))}")
     if os.path.exists(os.path.join(workdir, "merge.json")):
         raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")
-    run_config_guard(workdir, _plain(config))  # a killed run resumes; a different one is refused
+    run_config_guard(workdir, config_dict(config))  # a killed run resumes; a different one is refused
     loaded = [checkpoint.load(p) for p in paths]
     fishers = None
     if config.method == "fisher":
@@ -518,7 +518,7 @@ def merge_from_config(config, workdir: str) -> str:
         if len(fpaths) != len(paths):
             raise ValueError(f"config.fishers: method=fisher needs one Fisher per checkpoint ({len(paths)}), "
                              f"got {len(fpaths)}")
-        fishers = _load_fishers(fpaths)
+        fishers = load_fishers(fpaths)
     grams = None
     if config.method == "regmean":
         from mdt_jax.regmean import load_grams
@@ -545,11 +545,11 @@ def merge_from_config(config, workdir: str) -> str:
                             **coeffs)
         record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
         for (cfg, orig, meta), name, params in zip(loaded, names, merged):
-            out = _save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
-            rows += _stage(workdir, f"eval_p1_{name}", lambda: _evaluate_rows(
+            out = save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
+            rows += cached_stage(workdir, f"eval_p1_{name}", lambda: evaluate_rows(
                 cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
             if config.eval_inputs:
-                rows += _stage(workdir, f"eval_unmerged_{name}", lambda: _evaluate_rows(
+                rows += cached_stage(workdir, f"eval_unmerged_{name}", lambda: evaluate_rows(
                     cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"}))
     else:
         cfgs = {c for c, _, _ in loaded}
@@ -573,11 +573,11 @@ def merge_from_config(config, workdir: str) -> str:
             record["merged_fraction"] = M.merged_fraction(merged, subset)
             meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
                 "kind": "multi_task_merged", "merge": record}
-            out = _save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
-            rows += _stage(workdir, "eval_p2", lambda: _evaluate_rows(
+            out = save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
+            rows += cached_stage(workdir, "eval_p2", lambda: evaluate_rows(
                 cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
         for t, p in zip(cfg.task_names, order if config.eval_inputs else ()):
-            rows += _stage(workdir, f"eval_finetune_{t}", lambda: _evaluate_rows(
+            rows += cached_stage(workdir, f"eval_finetune_{t}", lambda: evaluate_rows(
                 cfg, p, meta, config, extra={"model": f"finetune_{t}"}))
         if config.pipeline == "p3":
             if not config.base:
@@ -586,7 +586,7 @@ def merge_from_config(config, workdir: str) -> str:
             if base_cfg != cfg:
                 raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
             if config.eval_inputs:
-                rows += _stage(workdir, "eval_pre", lambda: _evaluate_rows(cfg, pre, meta, config,
+                rows += cached_stage(workdir, "eval_pre", lambda: evaluate_rows(cfg, pre, meta, config,
                                                                            extra={"model": "pre"}))
             grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
                                     ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
@@ -601,12 +601,12 @@ def merge_from_config(config, workdir: str) -> str:
             with sel_config.unlocked():
                 sel_config.seed = select_seed
             for name, (cands, grid) in grids.items():
-                grid_rows = _stage(workdir, f"eval_p3_{name}", lambda: _evaluate_rows(
+                grid_rows = cached_stage(workdir, f"eval_p3_{name}", lambda: evaluate_rows(
                     cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 rows += grid_rows
                 chosen_on = grid_rows
                 if select_seed >= 0:  # choose on held-out selection episodes, report on config.seed's
-                    chosen_on = _stage(workdir, f"select_p3_{name}", lambda: _evaluate_rows(
+                    chosen_on = cached_stage(workdir, f"select_p3_{name}", lambda: evaluate_rows(
                         cfg, cands, meta, sel_config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 means = [np.mean([r["normalized"] for r in chosen_on if r["coefficients"] == c]) for c in grid]
                 best = int(np.argmax(means))
@@ -615,7 +615,7 @@ def merge_from_config(config, workdir: str) -> str:
                                            "report_normalized_mean": float(report[0]),
                                            "chosen_on_seed": select_seed if select_seed >= 0 else config.seed,
                                            "reported_on_seed": config.seed}
-                _save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
+                save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
                            meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
     write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
     return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
@@ -644,12 +644,12 @@ def train_behaviour_from_config(config, workdir: str) -> str:
         from mdt_jax.behaviour import brax_sac
 
         return brax_sac.train(config.task, workdir, env_steps=int(config.env_steps),
-                              cfg=brax_sac.BraxSACConfig(**_plain(config.brax)), seed=int(config.seed),
+                              cfg=brax_sac.BraxSACConfig(**config_dict(config.brax)), seed=int(config.seed),
                               save_every=int(config.save_every), eval_episodes=int(config.eval_episodes),
                               command=command, log=lambda s: print(s, flush=True))
     from mdt_jax.behaviour import sac
 
-    cfg = sac.SACConfig(**_plain(config.sac))
+    cfg = sac.SACConfig(**config_dict(config.sac))
     return sac.train(config.task, workdir, env_steps=int(config.env_steps), cfg=cfg, seed=int(config.seed),
                      save_every=int(config.save_every), eval_every=int(config.eval_every),
                      eval_episodes=int(config.eval_episodes), stop_return=float(config.stop_return),

@@ -46,7 +46,7 @@ atomic rename (`mdt_jax.fileio`), and ``workdir/history.json`` beside it, so tha
 rerun with the same arguments continues from its last finished generation and ends exactly where
 an uninterrupted one does. `budget_episodes` caps the episodes spent.
 
-`run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.run._evaluate_rows`
+`run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.run.evaluate_rows`
 out); `search_from_config` is the CLI's (configs/search.py).
 """
 from __future__ import annotations
@@ -241,9 +241,9 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
             raise SearchError(f"fishers: method 'fisher' needs one Fisher per finetune ({T}), "
                               f"got {0 if fishers is None else len(fishers)}")
         if floor is not None:
-            M._check("floor", floor, 0.0)
+            M.check_coefficient("floor", floor, 0.0)
         fs = M.stack(fishers, [f"fisher[{t}]" for t in cfg.task_names])
-        M.check_compatible([finetuned[0], M._one(fs)], [names[0], "fishers"])
+        M.check_compatible([finetuned[0], M.first_model(fs)], [names[0], "fishers"])
         for p, f in jax.tree_util.tree_flatten_with_path(fs)[0]:
             if np.any(np.asarray(f) < 0):
                 raise SearchError(f"fishers: negative values at {subsets.path_str(p)}")
@@ -255,7 +255,7 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
             return M.fisher_weighted(stacked, tempered, normalize_trace=False, floor=floor, subset=mask)
 
         def merge_fn(theta):
-            return _per_group(masks, merge_one, squash(theta), M._one(stacked)) | heads
+            return _per_group(masks, merge_one, squash(theta), M.first_model(stacked)) | heads
 
         return Space(method, "T", gnames, 1.0, {"floor": None if floor is None else float(floor), "normalize_trace": bool(normalize_trace)},
                      squash, merge_fn,
@@ -270,12 +270,12 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
         vectors, fixed = stacked, {}
         plain = lambda: M.task_arithmetic(pre, stacked, float(lam0), subset=subset) | heads
     elif method == "ties":
-        M._check("k", k, 0.0, 1.0, lo_open=True)
+        M.check_coefficient("k", k, 0.0, 1.0, lo_open=True)
         ties_one = jax.jit(lambda b, m: M.ties(b, m, k, 1.0, subset=subset))(pre, stacked)
         vectors, fixed = jax.tree.map(lambda x: x[None], ties_one), {"k": float(k)}
         plain = lambda: M.ties(pre, stacked, k, float(lam0), subset=subset) | heads
     else:
-        M._check("dare_p", dare_p, 0.0, 1.0, hi_open=True)
+        M.check_coefficient("dare_p", dare_p, 0.0, 1.0, hi_open=True)
         vectors = jax.jit(lambda b, m, key: M.dare(b, m, dare_p, key, subset=subset))(pre, stacked,
                                                                                      jax.random.key(dare_seed))
         fixed = {"p": float(dare_p), "dare_seed": int(dare_seed)}
@@ -534,7 +534,7 @@ def run_search(cfg: DTConfig, finetuned: Sequence[dict], stats: dict, *, method:
     (highest mean normalised score seen) and the baseline (theta = 0: the plain merge with the
     uniform neutral coefficient) are then evaluated together on `report_episodes` (default
     `episodes`) per report seed. Returns (rows, result, space): one row per (model, task) like
-    `mdt_jax.run._evaluate_rows`, with `selection` {"chosen_on", "reported_on"}.
+    `mdt_jax.run.evaluate_rows`, with `selection` {"chosen_on", "reported_on"}.
     `budget_episodes` defaults to exactly `generations` generations. `space_kw` go to `make_space`.
     Returns a `SearchRun` (rows, result, space, best params).
     """
@@ -588,7 +588,7 @@ class SearchRun(NamedTuple):
 def search_from_config(config, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
     from mdt_jax import checkpoint, evaluate as ev
-    from mdt_jax.run import _load_fishers, _plain, _save_once, results_table, split_list
+    from mdt_jax.run import load_fishers, config_dict, save_once, results_table, split_list
     from mdt_jax.train import run_config_guard
 
     if config.method not in METHODS:
@@ -643,7 +643,7 @@ def search_from_config(config, workdir: str) -> str:
     stats = {t: ev.stats_from_metadata(meta, t) for t in cfg.task_names}
     fishers = None
     if fpaths:
-        fishers = _load_fishers([fpaths[by_task[t]] for t in cfg.task_names])
+        fishers = load_fishers([fpaths[by_task[t]] for t in cfg.task_names])
     pre = None
     if config.base:
         base_cfg, pre, _ = checkpoint.load(config.base)
@@ -653,7 +653,7 @@ def search_from_config(config, workdir: str) -> str:
     merged = P.p2_merge(cfg, finetuned, config.merge, fishers, subset=subset) if config.method == "lerp" else None
     space_kw = dict(p0=config.p0, lam0=config.lam0 or None, k=config.k, dare_p=config.dare_p,
                     dare_seed=config.seed, floor=config.floor, normalize_trace=config.normalize_trace)
-    run_config_guard(workdir, _plain(config))  # a killed run resumes; a different one is refused
+    run_config_guard(workdir, config_dict(config))  # a killed run resumes; a different one is refused
     rows, result, space, best = run_search(
         cfg, finetuned, stats, method=config.method, workdir=workdir, pre=pre, merged=merged, fishers=fishers,
         subset=subset, groups=config.groups, popsize=config.popsize, generations=config.generations,
@@ -670,7 +670,7 @@ def search_from_config(config, workdir: str) -> str:
     meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
         "kind": "multi_task_merged", "merge": {"method": f"search_{config.method}", "subset": subset,
                                                "coefficients": result.coefficients}}
-    _save_once(os.path.join(workdir, "best"), jax.device_get(best), cfg, meta_out)
+    save_once(os.path.join(workdir, "best"), jax.device_get(best), cfg, meta_out)
     write_json_atomic(out_json, {"search": record, "result": result.to_json(), "rows": rows}, overwrite=False)
     return results_table(rows, keys=("model", "task", "episodes", "return_mean", "return_std", "normalized"))
 

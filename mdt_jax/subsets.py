@@ -43,7 +43,7 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _names(patterns: str | Iterable[str]) -> list[str]:
+def pattern_names(patterns: str | Iterable[str]) -> list[str]:
     if isinstance(patterns, str):  # comma-separated (CLI friendly)
         patterns = patterns.split(",")
     return [p.strip() for p in patterns if p.strip()]
@@ -51,7 +51,7 @@ def _names(patterns: str | Iterable[str]) -> list[str]:
 
 def expand(patterns: str | Iterable[str]) -> tuple[str, ...]:
     """Aliases -> glob patterns."""
-    return tuple(g for p in _names(patterns) for g in ALIASES.get(p, (p,)))
+    return tuple(g for p in pattern_names(patterns) for g in ALIASES.get(p, (p,)))
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -66,7 +66,7 @@ def select(tree, patterns: str | Iterable[str], *, exclude: str | Iterable[str] 
     inc, exc = expand(patterns), expand(exclude)
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     if strict:
-        for pat in _names(patterns) + _names(exclude):
+        for pat in pattern_names(patterns) + pattern_names(exclude):
             if not any(matches(p, expand(pat)) for p in paths):
                 raise ValueError(f"parameter pattern {pat!r} matches no parameter; paths look like "
                                  f"{paths[:3]}; aliases: {sorted(ALIASES)}")

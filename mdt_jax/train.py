@@ -61,9 +61,9 @@ class TrainConfig:
         for f in ("adam_b1", "adam_b2"):
             if not 0 <= getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}: must be in [0, 1), got {getattr(self, f)!r}")
-        object.__setattr__(self, "freeze", tuple(subsets._names(self.freeze)))
-        object.__setattr__(self, "init_reg_on", tuple(subsets._names(self.init_reg_on)))
-        object.__setattr__(self, "no_decay", tuple(subsets._names(self.no_decay)))
+        object.__setattr__(self, "freeze", tuple(subsets.pattern_names(self.freeze)))
+        object.__setattr__(self, "init_reg_on", tuple(subsets.pattern_names(self.init_reg_on)))
+        object.__setattr__(self, "no_decay", tuple(subsets.pattern_names(self.no_decay)))
 
 
 @flax.struct.dataclass

@@ -186,7 +186,7 @@ class Linear(nn.Module):
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
-def _ln(cfg: DTConfig, name: str):
+def layer_norm(cfg: DTConfig, name: str):
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, name=name)
 
 
@@ -255,10 +255,10 @@ class Block(nn.Module):
     def __call__(self, x, bias, *, deterministic: bool, query_rows: slice | None = None):
         cfg = self.cfg
         drop = lambda y: Dropout(cfg.dropout)(y, deterministic=deterministic)
-        h = _ln(cfg, "ln_1")(x)
+        h = layer_norm(cfg, "ln_1")(x)
         a = _Attention(cfg, name="attn")(h, bias, deterministic=deterministic, query_rows=query_rows)
         x = (x if query_rows is None else x[:, query_rows]) + drop(a)
-        return x + drop(_MLP(cfg, name="mlp")(_ln(cfg, "ln_2")(x)))
+        return x + drop(_MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(x)))
 
 
 class _Attention(nn.Module):
@@ -310,7 +310,7 @@ class _TaskIO(nn.Module):
         self.embed_return = Linear(H, std=head_std)
         self.embed_state = Linear(H, std=head_std)
         self.embed_action = Linear(H, std=head_std)
-        self.embed_ln = _ln(cfg, "embed_ln")
+        self.embed_ln = layer_norm(cfg, "embed_ln")
         self.predict_state = Linear(self.state_dim, std=head_std)
         self.predict_action = Linear(self.act_dim, std=head_std)
         self.predict_return = Linear(1, std=head_std)
@@ -359,7 +359,7 @@ class DecisionTransformer(nn.Module):
         temb_init = _normal(1.0) if cfg.init_scheme == "reference" else _normal(0.02)
         self.embed_timestep = nn.Embed(cfg.max_ep_len, cfg.hidden_size, embedding_init=temb_init)
         self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layer)]
-        self.ln_f = _ln(cfg, "ln_f")
+        self.ln_f = layer_norm(cfg, "ln_f")
         self.embed_drop = Dropout(cfg.dropout)
         if cfg.multi:
             self.task_io = [_TaskIO(cfg, t.state_dim, t.act_dim, name=f"task_{t.name}") for t in cfg.tasks]
