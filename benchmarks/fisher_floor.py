@@ -73,10 +73,10 @@ def study_cases(workdir):
         tasks = sorted({os.path.basename(d)[len("dt_common_"):] for d in glob.glob(os.path.join(sdir, "dt_common_*"))})
         if not tasks:
             continue
-        models = [P.trunk(checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model"))[1]) for t in tasks]
+        models = [P.trunk(checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model")).params) for t in tasks]
         fishers = [P.trunk(load_fisher(os.path.join(sdir, f"fisher_common_{t}"))[0].fisher) for t in tasks]
         cases[f"{seed} P1 common attn+mlp"] = shift(M.stack(models), M.stack(fishers), "attn,mlp")
-        fts = [checkpoint.load(os.path.join(sdir, f"ft_{t}", "model"))[1] for t in tasks]
+        fts = [checkpoint.load(os.path.join(sdir, f"ft_{t}", "model")).params for t in tasks]
         ffs = [load_fisher(os.path.join(sdir, f"fisher_ft_{t}"))[0].fisher for t in tasks]
         cases[f"{seed} P2 blocks"] = shift(M.stack(fts), M.stack(ffs), "blocks")
     return cases

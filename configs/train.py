@@ -11,16 +11,30 @@ Defaults are the reference's single-task settings (H128 L3 1 head K20, AdamW 1e-
 import ml_collections
 
 
+# The fields a config exposes; their defaults are the dataclasses' (defined once, in mdt_jax).
+MODEL_FIELDS = ("hidden_size", "n_layer", "n_head", "context_len", "max_ep_len", "dropout", "activation",
+                "action_tanh", "timestep_embedding", "init_scheme")
+TRAIN_FIELDS = ("batch_size", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "adam_eps", "init_reg",
+                "init_reg_on", "freeze", "no_decay")
+
+
+def _cli(v):
+    # path-pattern tuples are comma-separated strings on the command line (--config.train.freeze=a,b)
+    return ",".join(v) if isinstance(v, tuple) else v
+
+
 def model_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        hidden_size=128, n_layer=3, n_head=1, context_len=20, max_ep_len=1000, dropout=0.1,
-        activation="relu", action_tanh=True, timestep_embedding="after_ln", init_scheme="gpt2"))
+    from mdt_jax.models.dt import DTConfig
+
+    d = DTConfig()
+    return ml_collections.ConfigDict({f: getattr(d, f) for f in MODEL_FIELDS})
 
 
 def train_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        batch_size=64, learning_rate=1e-4, weight_decay=1e-4, warmup_steps=10_000, grad_clip=0.25,
-        adam_eps=1e-8, init_reg=0.0, init_reg_on="blocks", freeze="", no_decay=""))
+    from mdt_jax.train import TrainConfig
+
+    d = TrainConfig()
+    return ml_collections.ConfigDict({f: _cli(getattr(d, f)) for f in TRAIN_FIELDS})
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -65,6 +65,7 @@ def config_app(default_config: str, fn, workdir_help: str):
 
         initialize_distributed()  # multi-host when launched so (see README), else nothing
         enable_compile_cache()
+        import mdt_jax.behaviour.datasets  # noqa: F401  registers the `generated:` dataset resolver
         print(run_or_exit(fn, config.value, workdir.value))
 
     return main

@@ -333,7 +333,8 @@ def load_task_models(directory):
 
     emr, meta = load_emr(directory)
     cfg = DTConfig.from_dict(meta["config"])
-    base_cfg, base, _ = checkpoint.load(meta["base"])
+    base_model = checkpoint.load(meta["base"])
+    base_cfg, base = base_model.cfg, base_model.params
     if base_cfg != cfg:
         raise EMRError(f"{directory}: its base {meta['base']} has a different model config")
     return cfg, emr_stack(base, emr), meta

@@ -42,6 +42,11 @@ class TaskStats:
     target_return: float
     rtg_scale: float = 1000.0
 
+    @classmethod
+    def of(cls, norm, target_return: float) -> "TaskStats":
+        """A model's normaliser (`mdt_jax.data.Normalizer`) with the rtg target of an episode."""
+        return cls(norm.state_mean, norm.state_std, float(target_return), norm.rtg_scale)
+
 
 @flax.struct.dataclass
 class Context:
@@ -80,8 +85,7 @@ def policy_step(cfg: DTConfig, params, ctx: Context, t, obs_norm, rtg, task_id=N
                       rtg=ctx.rtg.at[:, slot, 0].set(rtg),
                       timesteps=ctx.timesteps.at[:, slot].set(ts))
     s, a, r, tt, m = context_view(ctx, t)
-    tid = None if task_id is None else jnp.full((s.shape[0],), task_id, jnp.int32)
-    action = apply(cfg, params, s, a, r, tt, m, tid, outputs="last")
+    action = apply(cfg, params, s, a, r, tt, m, task_id, outputs="last")
     return action, ctx.replace(actions=ctx.actions.at[:, slot].set(action))
 
 
@@ -154,8 +158,7 @@ def native_policy(cfg, vmapped, params, window, mask, task_id):
     sharded over devices) keeps the vmap so that the candidate axis stays split.
     """
     def one(p, s, a, r, tt):
-        tid = None if task_id is None else jnp.full((s.shape[0],), task_id, jnp.int32)
-        return apply(cfg, p, s, a, r, tt, mask, tid, outputs="last")
+        return apply(cfg, p, s, a, r, tt, mask, task_id, outputs="last")
 
     if vmapped:
         return jax.vmap(one)(params, *window)
@@ -354,17 +357,3 @@ def evaluate_sequential(cfg: DTConfig, params, task: str, stats: TaskStats, *, e
         lens.append(n)
         nans.append(bad)
     return TaskResult(task.name, np.asarray([rets]), np.asarray([lens]), np.asarray([nans]), stats.target_return)
-
-
-def stats_from_metadata(meta: dict, task: str | None = None) -> TaskStats:
-    """TaskStats from a checkpoint's metadata (single-task: state_mean/std; multi: per-task dict)."""
-    if "stats" in meta:
-        if task not in meta["stats"]:
-            raise ValueError(f"checkpoint metadata has no stats for task {task!r} (has {sorted(meta['stats'])})")
-        meta = meta["stats"][task] | {"rtg_scale": meta.get("rtg_scale", 1000.0)}
-    for k in ("state_mean", "state_std"):
-        if k not in meta:
-            raise ValueError(f"checkpoint metadata lacks {k!r}; cannot normalise observations")
-    name = task or meta.get("task")
-    return TaskStats(np.asarray(meta["state_mean"], np.float32), np.asarray(meta["state_std"], np.float32),
-                     envs.target_return(name), float(meta.get("rtg_scale", 1000.0)))

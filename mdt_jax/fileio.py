@@ -80,9 +80,11 @@ def write_dir_atomic(folder, files: Mapping[str, Callable[[str], None]], *, over
 
 # ------------------------------------------------------------- artifact folders: JSON header + orbax arrays
 
-def read_header(directory, meta_file: str, fmt: str, version: int, error: type[Exception], what: str) -> dict:
+def read_header(directory, meta_file: str, fmt: str, version: int | tuple[int, ...], error: type[Exception],
+                what: str) -> dict:
     """Validate and return `directory/meta_file`, a JSON header {"format": fmt, "format_version":
-    version, ...}; anything else raises `error` naming the path (a missing folder: FileNotFoundError)."""
+    version, ...} (`version`: one int, or the tuple of versions a reader converts); anything else
+    raises `error` naming the path (a missing folder: FileNotFoundError)."""
     directory = os.fspath(directory)
     path = os.path.join(directory, meta_file)
     if not os.path.isdir(directory):
@@ -97,7 +99,8 @@ def read_header(directory, meta_file: str, fmt: str, version: int, error: type[E
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise error(f"{path}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                     f"expected {fmt!r} (not a {what})")
-    if meta.get("format_version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if isinstance(meta.get("format_version"), bool) or meta.get("format_version") not in versions:
         raise error(f"{path}: unsupported format_version {meta.get('format_version')!r}")
     return meta
 
@@ -144,8 +147,8 @@ def orbax_read(path, error: type[Exception], what: str, *, check: Callable[[Any]
     return jax.tree.map(np.asarray, out)
 
 
-def read_config_artifact(directory, meta_file: str, fmt: str, version: int, error: type[Exception], what: str,
-                         from_dict: Callable[[Any], Any]) -> tuple[Any, dict]:
+def read_config_artifact(directory, meta_file: str, fmt: str, version: int | tuple[int, ...], error: type[Exception],
+                         what: str, from_dict: Callable[[Any], Any]) -> tuple[Any, dict]:
     """(config, metadata) of a model-like artifact whose header holds {"config": ..., "metadata": ...};
     the config is rebuilt by `from_dict`, whose TypeError/ValueError becomes `error`."""
     meta = read_header(directory, meta_file, fmt, version, error, what)

@@ -412,27 +412,6 @@ def load_fisher(directory) -> tuple[FisherResult, dict]:
 
 # ------------------------------------------------------------------ edge: config -> Fisher files
 
-def task_data(path: str, state_dim: int, act_dim: int, stats: dict | None, cfg: DTConfig, rtg_scale: float,
-               what: str) -> SegmentData:
-    """One task's SegmentData normalised with the checkpoint's own stats (not the dataset's)."""
-    from mdt_jax.behaviour.datasets import resolve_dataset
-    from mdt_jax.data import load_dataset, segment_data
-
-    if not stats or "state_mean" not in stats or "state_std" not in stats:
-        raise ValueError(f"config.checkpoint: its metadata has no state_mean/state_std for {what}")
-    ds = load_dataset(resolve_dataset(path))
-    got = (ds.observations.shape[1], ds.actions.shape[1])
-    if got != (state_dim, act_dim):
-        raise ValueError(f"config.dataset: {path} has (state_dim, act_dim) = {got}, but the model's {what} "
-                         f"needs {(state_dim, act_dim)}")
-    mean, std = (np.asarray(stats[k], np.float32) for k in ("state_mean", "state_std"))
-    if mean.shape != (state_dim,) or std.shape != (state_dim,) or not np.all(std > 0):
-        raise ValueError(f"config.checkpoint: state_mean/state_std for {what} must be {state_dim} numbers "
-                         "(std > 0)")
-    data = segment_data(ds, context_len=cfg.context_len, max_ep_len=cfg.max_ep_len, rtg_scale=rtg_scale)
-    return data.replace(state_mean=jnp.asarray(mean), state_std=jnp.asarray(std))
-
-
 def _chunked_fisher(cfg: DTConfig, params, data: SegmentData, rng, *, num_batches: int, batch_size: int,
                     method: str, subset, task=None, partial_dir: str, chunk_batches: int) -> FisherResult:
     """`compute_fisher`, resumable: the batches run in chunks of `chunk_batches`, each chunk's sums
@@ -471,7 +450,7 @@ def fisher_from_config(config, workdir: str) -> str:
     """Run configs/fisher.py: the Fisher of a checkpoint on its dataset(s) -> `workdir` (fisher/ +
     fisher.json); returns a one-line summary."""
     from mdt_jax import checkpoint
-    from mdt_jax.data import stack_segment_data
+    from mdt_jax.data.loading import model_task_data
 
     if config.method not in METHODS:
         raise ValueError(f"config.method: unknown Fisher method {config.method!r}; choose one of {METHODS}")
@@ -488,38 +467,16 @@ def fisher_from_config(config, workdir: str) -> str:
     cb = config.get("chunk_batches", 25)
     if not isinstance(cb, int) or cb <= 0:
         raise ValueError(f"config.chunk_batches: must be a positive int, got {cb!r}")
-    cfg, params, meta = checkpoint.load(config.checkpoint)
-    rtg_scale = float(meta.get("rtg_scale", 1000.0))
+    model = checkpoint.load(config.checkpoint)
+    cfg, params = model.cfg, model.params
     common = dict(num_batches=config.num_batches, batch_size=config.batch_size, method=config.method,
                   subset=config.subset or DEFAULT_SUBSET)
     rng = jax.random.key(config.seed)
     partial = os.path.abspath(workdir).rstrip("/") + ".partial"
     run_config_guard(partial, config.to_dict() | {"checkpoint": os.path.abspath(config.checkpoint)})
     compute_fisher = functools.partial(_chunked_fisher, partial_dir=partial, chunk_batches=cb)
-    if not cfg.multi or config.spec_info:
-        task = meta.get("task")
-        if cfg.multi and task not in cfg.task_names:
-            raise ValueError(f"config.spec_info: {config.checkpoint} names no task of its model {cfg.task_names} "
-                             f"(metadata task={task!r}); spec_info needs a per-task finetune")
-        if len(datasets) != 1:
-            raise ValueError(f"config.dataset: expected one dataset for task {task!r}, got {len(datasets)}")
-        if cfg.multi:
-            spec = cfg.tasks[cfg.task_index(task)]
-            data = task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
-                              rtg_scale, f"task {task!r}")
-            result = compute_fisher(cfg, params, data, rng, task=task, **common)
-        else:
-            data = task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
-            result = compute_fisher(cfg, params, data, rng, **common)
-        tasks = [task]
-    else:
-        tasks = list(cfg.task_names)
-        if len(datasets) != len(tasks):
-            raise ValueError(f"config.dataset: the model has tasks {tasks}; give one dataset per task in that "
-                             f"order, got {len(datasets)}")
-        datas = [task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
-                            f"task {t.name!r}") for p, t in zip(datasets, cfg.tasks)]
-        result = compute_fisher(cfg, params, stack_segment_data(datas), rng, **common)
+    tasks, data, task = model_task_data(model, datasets, one_task=bool(config.spec_info))
+    result = compute_fisher(cfg, params, data, rng, **({"task": task} if task else {}), **common)
     result = jax.device_get(result)
     record = {"checkpoint": os.path.abspath(config.checkpoint), "datasets": datasets, "tasks": tasks,
               "spec_info": bool(config.spec_info), "subset": common["subset"], "seed": int(config.seed),

@@ -368,8 +368,7 @@ def gram_from_config(config, workdir: str) -> str:
     """Run configs/gram.py: the trunk Linears' input Grams of a checkpoint on its dataset(s) ->
     `workdir` (grams/ + grams.json); returns a one-line summary."""
     from mdt_jax import checkpoint
-    from mdt_jax.data import stack_segment_data
-    from mdt_jax.fisher import task_data
+    from mdt_jax.data.loading import model_task_data
 
     for f in ("num_batches", "batch_size"):
         if not isinstance(config[f], int) or config[f] <= 0:
@@ -381,33 +380,11 @@ def gram_from_config(config, workdir: str) -> str:
         raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise FileExistsError(f"{workdir} already exists and is not empty; use a new --workdir")
-    cfg, params, meta = checkpoint.load(config.checkpoint)
-    rtg_scale = float(meta.get("rtg_scale", 1000.0))
+    model = checkpoint.load(config.checkpoint)
+    cfg, params = model.cfg, model.params
     common = dict(num_batches=config.num_batches, batch_size=config.batch_size, rng=jax.random.key(config.seed))
-    if not cfg.multi or config.spec_info:
-        task = meta.get("task")
-        if cfg.multi and task not in cfg.task_names:
-            raise ValueError(f"config.spec_info: {config.checkpoint} names no task of its model {cfg.task_names} "
-                             f"(metadata task={task!r}); set spec_info=False for Grams over every task")
-        if len(datasets) != 1:
-            raise ValueError(f"config.dataset: expected one dataset for task {task!r}, got {len(datasets)}")
-        if cfg.multi:
-            spec = cfg.tasks[cfg.task_index(task)]
-            data = task_data(datasets[0], spec.state_dim, spec.act_dim, meta.get("stats", {}).get(task), cfg,
-                              rtg_scale, f"task {task!r}")
-            result = compute_grams(cfg, params, data, task=task, **common)
-        else:
-            data = task_data(datasets[0], cfg.state_dim, cfg.act_dim, meta, cfg, rtg_scale, "single task")
-            result = compute_grams(cfg, params, data, **common)
-        tasks = [task]
-    else:
-        tasks = list(cfg.task_names)
-        if len(datasets) != len(tasks):
-            raise ValueError(f"config.dataset: the model has tasks {tasks}; give one dataset per task in that "
-                             f"order, got {len(datasets)}")
-        datas = [task_data(p, t.state_dim, t.act_dim, meta.get("stats", {}).get(t.name), cfg, rtg_scale,
-                            f"task {t.name!r}") for p, t in zip(datasets, cfg.tasks)]
-        result = compute_grams(cfg, params, stack_segment_data(datas), **common)
+    tasks, data, task = model_task_data(model, datasets, one_task=bool(config.spec_info))
+    result = compute_grams(cfg, params, data, **({"task": task} if task else {}), **common)
     result = jax.device_get(result)
     record = {"checkpoint": os.path.abspath(config.checkpoint), "datasets": datasets, "tasks": tasks,
               "spec_info": bool(config.spec_info), "seed": int(config.seed), "batch_size": int(config.batch_size),

@@ -355,8 +355,8 @@ def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: in
     ec = config.merge.copy_and_resolve_references()
     with ec.unlocked():
         ec.seed, ec.eval = seed, _own_task_eval(config)
-    cfg, params, meta = checkpoint.load(model)
-    out = cached_stage(wd, "eval", lambda: evaluate_rows(cfg, params, meta, ec))
+    m = checkpoint.load(model)
+    out = cached_stage(wd, "eval", lambda: evaluate_rows(m, m.params, ec))
     return _tag(out, seed, pipeline="p1", model="dt_common", method=f"{method}+finetune", subset="attn+mlp")
 
 

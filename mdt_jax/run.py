@@ -1,6 +1,7 @@
 """Glue from ml_collections configs to library calls (used by the absl launchers and notebooks)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import numpy as np
 from mdt_jax import checkpoint, sharding
 from mdt_jax.behaviour.datasets import (POLICIES_DIR, QUALITIES, behaviour_policy_dir,  # noqa: F401
                                        collect_dataset, resolve_dataset)
+from mdt_jax.data import Normalizer, load_task_data
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
 from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, run_config_guard
@@ -41,20 +43,9 @@ def split_list(value) -> list[str]:
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
-def _load_task_data(task: str, dataset: str, cfg_k: int, max_ep_len: int, rtg_scale: float):
-    from mdt_jax.data import load_dataset, segment_data
-
-    state_dim, act_dim = task_dims(task)
-    ds = load_dataset(resolve_dataset(dataset))
-    got = (ds.observations.shape[1], ds.actions.shape[1])
-    if got != (state_dim, act_dim):
-        raise ValueError(f"config.dataset: {dataset} has (state_dim, act_dim) = {got}, but task "
-                         f"{task!r} needs {(state_dim, act_dim)}")
-    return segment_data(ds, context_len=cfg_k, max_ep_len=max_ep_len, rtg_scale=rtg_scale)
-
-
-def _stats_meta(data) -> dict:
-    return {"state_mean": np.asarray(data.state_mean).tolist(), "state_std": np.asarray(data.state_std).tolist()}
+def _load_task_data(task: str, dataset: str, cfg: DTConfig, rtg_scale: float, norm: Normalizer | None = None):
+    # dims are the env's: a single-task config is built from them, a multi-task one holds them per task
+    return load_task_data(dataset, task, cfg, norm, rtg_scale=rtg_scale)
 
 
 LM_FIELDS = ("init_from_lm", "lm_timestep_from_wpe", "lm_kmeans", "lm_kmeans_const", "lm_tokens", "lm_cotrain_weight",
@@ -168,7 +159,7 @@ def train_from_config(config, workdir: str) -> str:
         raise ValueError(f"config.rtg_scale: must be > 0, got {config.rtg_scale!r}")
     tcfg = train_config(config.train)
     lm = _lm_options(config)
-    init_cfg = params = init_meta = None
+    init_cfg = params = None
     init_seed = config.get("init_seed", -1)
     if not isinstance(init_seed, int) or init_seed < -1:
         raise ValueError(f"config.init_seed: must be an int >= 0 (or -1: from config.seed), got {init_seed!r}")
@@ -179,36 +170,39 @@ def train_from_config(config, workdir: str) -> str:
     if config.init_from:
         if init_seed >= 0:
             raise ValueError("config.init_seed: cannot be combined with config.init_from (the params come from it)")
-        init_cfg, params, init_meta = checkpoint.load(config.init_from)
+        init = checkpoint.load(config.init_from)
+        init_cfg, params = init.cfg, init.params
     sample = None
     if init_cfg is not None and init_cfg.multi and len(tasks) == 1:  # finetune a multi-task model on one task
         cfg, task = init_cfg, tasks[0]
         t = cfg.task_index(task)
-        st = init_meta["stats"][task]
-        one = _load_task_data(task, datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale).replace(
-            state_mean=jnp.asarray(st["state_mean"], jnp.float32), state_std=jnp.asarray(st["state_std"], jnp.float32))
+        # the finetune keeps the checkpoint's normalisation, with this run's rtg_scale
+        init.norm(task)
+        norms = {t: dataclasses.replace(n, rtg_scale=float(config.rtg_scale)) for t, n in init.norms.items()}
+        one = norms[task].apply_to(_load_task_data(task, datasets[0], cfg, config.rtg_scale))
         data = pad_to(one, cfg.state_dim, cfg.act_dim)
         sample = lambda d, k: sample_batch(d, k, tcfg.batch_size) | {
             "task_id": jnp.full((tcfg.batch_size,), t, jnp.int32)}
         meta = {"kind": "multi_task_finetune", "task": task, "finetuned_from": os.path.abspath(config.init_from),
-                "tasks": list(cfg.task_names), "stats": init_meta["stats"]}
+                "tasks": list(cfg.task_names)}
     elif len(tasks) > 1:
         cfg = init_cfg or model_config(config.model, 0, 0, tasks=[(t, *task_dims(t)) for t in tasks])
         if cfg.task_names != tuple(tasks):
             raise ValueError(f"config.init_from: {config.init_from} is a model for tasks {cfg.task_names}, "
                              f"not {tuple(tasks)}")
-        datas = [_load_task_data(task, path, cfg.context_len, cfg.max_ep_len, config.rtg_scale)
-                 for task, path in zip(tasks, datasets)]
+        datas = [_load_task_data(task, path, cfg, config.rtg_scale) for task, path in zip(tasks, datasets)]
         data = stack_segment_data(datas)
-        meta = {"kind": "multi_task", "tasks": tasks, "stats": {t: _stats_meta(d) for t, d in zip(tasks, datas)}}
+        norms = {t: Normalizer.of(d) for t, d in zip(tasks, datas)}
+        meta = {"kind": "multi_task", "tasks": tasks}
     else:
         state_dim, act_dim = task_dims(tasks[0])
         cfg = init_cfg if init_cfg is not None else model_config(config.model, state_dim, act_dim)
         if (cfg.state_dim, cfg.act_dim) != (state_dim, act_dim):
             raise ValueError(f"config.init_from: {config.init_from} is a model for (state_dim, act_dim) = "
                              f"{(cfg.state_dim, cfg.act_dim)}, but task {tasks[0]!r} needs {(state_dim, act_dim)}")
-        data = _load_task_data(tasks[0], datasets[0], cfg.context_len, cfg.max_ep_len, config.rtg_scale)
-        meta = {"kind": "single_task", "task": tasks[0]} | _stats_meta(data)
+        data = _load_task_data(tasks[0], datasets[0], cfg, config.rtg_scale)
+        norms = {tasks[0]: Normalizer.of(data)}
+        meta = {"kind": "single_task", "task": tasks[0]}
     aux = None
     if lm is not None:
         params, sample, data, aux, meta["init_from_lm"] = _lm_setup(config, cfg, lm, params, init_seed, sample, data,
@@ -218,7 +212,7 @@ def train_from_config(config, workdir: str) -> str:
     if mesh is not None and config.get("lm_tokens", "") and config.lm_batch_size % mesh.size:
         raise ValueError(f"config.lm_batch_size: {config.lm_batch_size} does not divide over {mesh.size} devices")
     model_dir = os.path.join(workdir, "model")
-    on_eval, eval_every = _best_keeper(config, cfg, meta, data, workdir, tasks)
+    on_eval, eval_every = _best_keeper(config, cfg, meta, norms, workdir, tasks)
     # the device count is not part of the run: a run may resume on other devices; the LM fields
     # are left out when off, so workdirs made before they existed still resume
     run_config_guard(workdir, {k: v for k, v in config_dict(config).items()
@@ -236,7 +230,7 @@ def train_from_config(config, workdir: str) -> str:
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every, sample=sample, desc=f"train {config.task}", mesh=mesh, aux_loss=aux,
                 eval_every=eval_every, on_eval=on_eval)
-    meta |= {"dataset": config.dataset, "rtg_scale": float(config.rtg_scale), "steps": int(state.step),
+    meta |= {"dataset": config.dataset, "steps": int(state.step),
              "seed": int(config.seed), "init_seed": int(init_seed), "train": config_dict(config.train)}
     params = jax.device_get(state.params)
     save_mode = config.get("save_mode", "last")
@@ -244,9 +238,10 @@ def train_from_config(config, workdir: str) -> str:
         if save_mode in ("best", "both"):
             best = _read_best(workdir)
             bmeta = meta | {"checkpoint_mode": "best", "selection": best["selection"], "steps": best["step"]}
-            best_dir = checkpoint.save(os.path.join(workdir, "model_best"), best_params(workdir, cfg), cfg, bmeta)
+            best_dir = checkpoint.save(os.path.join(workdir, "model_best"), best_params(workdir, cfg), cfg, bmeta,
+                                       norms=norms)
         if save_mode in ("last", "both"):
-            model_dir = checkpoint.save(model_dir, params, cfg, meta | {"checkpoint_mode": "last"})
+            model_dir = checkpoint.save(model_dir, params, cfg, meta | {"checkpoint_mode": "last"}, norms=norms)
         else:
             model_dir = best_dir
     if jax.process_count() > 1:
@@ -272,7 +267,7 @@ def trunk_from_checkpoint(cfg: DTConfig, params: dict, path: str) -> dict:
 SAVE_MODES = ("last", "best", "both")
 
 
-def _best_keeper(config, cfg: DTConfig, meta: dict, data, workdir: str, tasks: list[str]):
+def _best_keeper(config, cfg: DTConfig, meta: dict, norms: dict, workdir: str, tasks: list[str]):
     """(on_eval, eval_every) for `fit`: keep the params with the best mean normalised score on the
     selection episodes in WORKDIR/best (orbax) + best.json, resumable; (None, 0) for save_mode last."""
     from mdt_jax import envs, evaluate as ev
@@ -291,13 +286,11 @@ def _best_keeper(config, cfg: DTConfig, meta: dict, data, workdir: str, tasks: l
     if save_mode == "last":
         return None, 0
     if cfg.multi:
-        stats = {t: ev.TaskStats(np.asarray(meta["stats"][t]["state_mean"]), np.asarray(meta["stats"][t]["state_std"]),
-                                 envs.target_return(t), float(config.rtg_scale)) for t in cfg.task_names}
         eval_tasks = [tasks[0]] if meta.get("kind") == "multi_task_finetune" else list(cfg.task_names)
     else:
-        stats = {tasks[0]: ev.TaskStats(np.asarray(data.state_mean), np.asarray(data.state_std),
-                                        envs.target_return(tasks[0]), float(config.rtg_scale))}
         eval_tasks = tasks[:1]
+    stats = {t: ev.TaskStats.of(dataclasses.replace(norms[t], rtg_scale=float(config.rtg_scale)), envs.target_return(t))
+             for t in eval_tasks}
     from mdt_jax.fileio import orbax_writer, write_dir_atomic
 
     def on_eval(step, params):
@@ -354,22 +347,18 @@ def evaluate_from_config(config, workdir: str) -> str:
     for f in ("episodes", "max_steps"):
         if config[f] <= 0:
             raise ValueError(f"config.{f}: must be a positive int, got {config[f]}")
-    cfg, params, meta = checkpoint.load(config.checkpoint)
-    if "state_mean" not in meta and "stats" not in meta:
-        raise ValueError(f"config.checkpoint: {config.checkpoint} has no normalisation stats in its metadata "
+    model = checkpoint.load(config.checkpoint)
+    cfg, params = model.cfg, model.params
+    if not model.norms:
+        raise ValueError(f"config.checkpoint: {config.checkpoint} has no normalisation stats "
                          "(not a trained DT policy)")
-    own = list(cfg.task_names) if cfg.multi else [meta.get("task")]
+    own = list(cfg.task_names) if cfg.multi else [model.metadata.get("task")]
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] or own
     for t in tasks:
         envs.get_task(t)
     if config.target_return < 0:
         raise ValueError(f"config.target_return: must be >= 0, got {config.target_return}")
-    stats = {}
-    for t in tasks:
-        src = t if cfg.multi else (meta.get("task") if t not in own else t)
-        s = ev.stats_from_metadata(meta, src if cfg.multi else None)
-        target = config.target_return or envs.target_return(t)
-        stats[t] = ev.TaskStats(s.state_mean, s.state_std, target, s.rtg_scale)
+    stats = {t: ev.TaskStats.of(_norm(model, t), config.target_return or envs.target_return(t)) for t in tasks}
     out = os.path.join(workdir, "eval.json")
     os.makedirs(workdir, exist_ok=True)
     total = config.episodes * config.max_steps * len(tasks)
@@ -424,11 +413,12 @@ def cached_stage(workdir: str, key: str, fn):
     return out
 
 
-def save_once(directory: str, params, cfg, meta) -> str:
-    """Save a checkpoint unless a complete one is already there (a resumed run)."""
+def save_once(directory: str, params, model: checkpoint.Model, meta: dict) -> str:
+    """Save `params` with `model`'s config and normalisers (and `meta`) unless a complete checkpoint
+    is already there (a resumed run)."""
     if os.path.exists(os.path.join(directory, checkpoint.META_FILE)):
         return os.path.abspath(directory)
-    return checkpoint.save(directory, params, cfg, meta)
+    return checkpoint.save(directory, params, model.cfg, meta, norms=model.norms, tasks=model.tasks)
 
 
 def load_fishers(paths: list[str]) -> list[dict]:
@@ -436,20 +426,26 @@ def load_fishers(paths: list[str]) -> list[dict]:
     return [load_fisher(p)[0].fisher for p in paths]
 
 
-def evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
-    """Evaluate one model (or stacked candidates) on every task its dims fit; one row per (candidate, task)."""
+def _norm(model: checkpoint.Model, task: str):
+    try:
+        return model.norm(task)
+    except ValueError as e:
+        raise ValueError(f"config.checkpoint: {e}") from None
+
+
+def evaluate_rows(model: checkpoint.Model, params, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
+    """Evaluate `params` (one model, or candidates stacked on a leading axis) of `model`'s config,
+    normalised with its normalisers, on every task its dims fit; one row per (candidate, task)."""
     from mdt_jax import envs, evaluate as ev
 
+    cfg, meta = model.cfg, model.metadata
     if cfg.multi:
         tasks = list(cfg.task_names)
-        stats = {t: ev.stats_from_metadata(meta, t) for t in tasks}
     elif config.eval.get("own_task", False):
         tasks = [meta["task"]]
     else:
         tasks = [t for t in envs.TASKS if task_dims(t) == (cfg.state_dim, cfg.act_dim)]
-    if not cfg.multi:
-        own = ev.stats_from_metadata(meta)
-        stats = {t: ev.TaskStats(own.state_mean, own.state_std, envs.target_return(t), own.rtg_scale) for t in tasks}
+    stats = {t: ev.TaskStats.of(_norm(model, t), envs.target_return(t)) for t in tasks}
     results = ev.evaluate(cfg, params, tasks, stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
                           seed=config.seed, executor=config.eval.executor)
     rows = []
@@ -460,25 +456,27 @@ def evaluate_rows(cfg, params, meta, config, *, stacked_coeffs=None, extra=None)
     return rows
 
 
-def _merge_emr(config, workdir: str, cfg, order: list, meta: dict, record: dict, subset: str) -> list[dict]:
+def _merge_emr(config, workdir: str, model: checkpoint.Model, order: list, record: dict, subset: str) -> list[dict]:
     """P2 with EMR-Merging (`mdt_jax.emr`): elect against `config.base`, save WORKDIR/emr (the
     unified vector, masks, rescalers and the base's path), evaluate each task with its own model."""
-    from mdt_jax import emr as E, evaluate as ev, merge as M
+    from mdt_jax import emr as E, envs, evaluate as ev, merge as M
 
-    base_cfg, base, _ = checkpoint.load(config.base)
+    cfg = model.cfg
+    base_model = checkpoint.load(config.base)
+    base_cfg, base = base_model.cfg, base_model.params
     if base_cfg != cfg:
         raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
     names = [f"finetune[{t}]" for t in cfg.task_names]
     emr = E.emr_elect(base, M.stack(order, names), subset=subset, names=names)
     record |= {"base": os.path.abspath(config.base), "rescalers": np.asarray(emr.rescalers).tolist(),
                "merged_fraction": M.merged_fraction(base, subset)}
-    meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {"kind": "multi_task_emr",
-                                                                                      "merge": record}
+    meta_out = {k: model.metadata[k] for k in ("tasks",) if k in model.metadata} | {
+        "kind": "multi_task_emr", "merge": record, "norms": {t: n.to_dict() for t, n in model.norms.items()}}
     out = os.path.join(workdir, "emr")
     if not os.path.exists(os.path.join(out, E.META_FILE)):
         E.save_emr(out, emr, base=config.base, config=cfg, names=list(cfg.task_names), subset=subset,
                    metadata=meta_out)
-    stats = {t: ev.stats_from_metadata(meta, t) for t in cfg.task_names}
+    stats = {t: ev.TaskStats.of(_norm(model, t), envs.target_return(t)) for t in cfg.task_names}
     return cached_stage(workdir, "eval_p2_emr", lambda: E.evaluate_task_models(
         cfg, E.emr_stack(base, emr), stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
         seed=config.seed, executor=config.eval.executor, extra={"model": "p2_emr", "checkpoint": out}))
@@ -536,57 +534,59 @@ def merge_from_config(config, workdir: str) -> str:
     rows: list[dict] = []
     os.makedirs(workdir, exist_ok=True)
     if config.pipeline == "p1":
-        if any(c.multi for c, _, _ in loaded):
+        if any(m.cfg.multi for m in loaded):
             raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
-        names = [m.get("task", "model") for _, _, m in loaded]
+        names = [m.metadata.get("task", "model") for m in loaded]
         names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
-        merged = P.p1_merge([p for _, p, _ in loaded], config.method, fishers, grams=grams, subset=subset,
-                            names=names, align=align, cfgs=[c for c, _, _ in loaded], align_seed=config.seed,
+        merged = P.p1_merge([m.params for m in loaded], config.method, fishers, grams=grams, subset=subset,
+                            names=names, align=align, cfgs=[m.cfg for m in loaded], align_seed=config.seed,
                             **coeffs)
-        record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0][1]), subset)
-        for (cfg, orig, meta), name, params in zip(loaded, names, merged):
-            out = save_once(os.path.join(workdir, f"merged_{name}"), params, cfg, meta | {"merge": record})
+        record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0].params), subset)
+        for m, name, params in zip(loaded, names, merged):
+            out = save_once(os.path.join(workdir, f"merged_{name}"), params, m, m.metadata | {"merge": record})
             rows += cached_stage(workdir, f"eval_p1_{name}", lambda: evaluate_rows(
-                cfg, params, meta, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
+                m, params, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
             if config.eval_inputs:
                 rows += cached_stage(workdir, f"eval_unmerged_{name}", lambda: evaluate_rows(
-                    cfg, orig, meta, config, extra={"model": f"unmerged[{name}]"}))
+                    m, m.params, config, extra={"model": f"unmerged[{name}]"}))
     else:
-        cfgs = {c for c, _, _ in loaded}
+        cfgs = {m.cfg for m in loaded}
         if len(cfgs) != 1 or not next(iter(cfgs)).multi:
             raise ValueError("config.checkpoints: P2/P3 merge per-task finetunes of one multi-task DT "
                              "(all with the same multi-task config)")
         cfg = cfgs.pop()
-        by_task = {m.get("task"): (p, m) for _, p, m in loaded}
+        by_task = {m.metadata.get("task"): m for m in loaded}
         if set(by_task) != set(cfg.task_names):
             raise ValueError(f"config.checkpoints: need one finetune per task {cfg.task_names}, got {sorted(map(str, by_task))}")
-        order = [by_task[t][0] for t in cfg.task_names]
-        meta = by_task[cfg.task_names[0]][1]
+        order = [by_task[t].params for t in cfg.task_names]
+        first = by_task[cfg.task_names[0]]  # the normalisers every finetune of the model carries
+        loaded_tasks = [m.metadata.get("task") for m in loaded]
         if fishers is not None:
-            fishers = [fishers[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
+            fishers = [fishers[loaded_tasks.index(t)] for t in cfg.task_names]
         if grams is not None:
-            grams = [grams[[m.get("task") for _, _, m in loaded].index(t)] for t in cfg.task_names]
+            grams = [grams[loaded_tasks.index(t)] for t in cfg.task_names]
+        meta_out = {k: first.metadata[k] for k in ("tasks",) if k in first.metadata}
         if config.method == "emr":  # one unified trunk task vector; task t runs base + lambda_t M_t tau_uni
-            rows += _merge_emr(config, workdir, cfg, order, meta, record, subset)
+            rows += _merge_emr(config, workdir, first, order, record, subset)
         else:
             merged = P.p2_merge(cfg, order, config.method, fishers, grams=grams, subset=subset, **coeffs)
             record["merged_fraction"] = M.merged_fraction(merged, subset)
-            meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
-                "kind": "multi_task_merged", "merge": record}
-            out = save_once(os.path.join(workdir, "merged"), merged, cfg, meta_out)
+            meta_out |= {"kind": "multi_task_merged", "merge": record}
+            out = save_once(os.path.join(workdir, "merged"), merged, first, meta_out)
             rows += cached_stage(workdir, "eval_p2", lambda: evaluate_rows(
-                cfg, merged, meta, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
+                first, merged, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
         for t, p in zip(cfg.task_names, order if config.eval_inputs else ()):
             rows += cached_stage(workdir, f"eval_finetune_{t}", lambda: evaluate_rows(
-                cfg, p, meta, config, extra={"model": f"finetune_{t}"}))
+                first, p, config, extra={"model": f"finetune_{t}"}))
         if config.pipeline == "p3":
             if not config.base:
                 raise ValueError("config.base: P3 needs the multi-task model before finetuning")
-            base_cfg, pre, _ = checkpoint.load(config.base)
+            base_model = checkpoint.load(config.base)
+            base_cfg, pre = base_model.cfg, base_model.params
             if base_cfg != cfg:
                 raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
             if config.eval_inputs:
-                rows += cached_stage(workdir, "eval_pre", lambda: evaluate_rows(cfg, pre, meta, config,
+                rows += cached_stage(workdir, "eval_pre", lambda: evaluate_rows(first, pre, config,
                                                                            extra={"model": "pre"}))
             grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
                                     ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
@@ -602,12 +602,12 @@ def merge_from_config(config, workdir: str) -> str:
                 sel_config.seed = select_seed
             for name, (cands, grid) in grids.items():
                 grid_rows = cached_stage(workdir, f"eval_p3_{name}", lambda: evaluate_rows(
-                    cfg, cands, meta, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
+                    first, cands, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 rows += grid_rows
                 chosen_on = grid_rows
                 if select_seed >= 0:  # choose on held-out selection episodes, report on config.seed's
                     chosen_on = cached_stage(workdir, f"select_p3_{name}", lambda: evaluate_rows(
-                        cfg, cands, meta, sel_config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
+                        first, cands, sel_config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
                 means = [np.mean([r["normalized"] for r in chosen_on if r["coefficients"] == c]) for c in grid]
                 best = int(np.argmax(means))
                 report = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == grid[best]])]
@@ -615,7 +615,7 @@ def merge_from_config(config, workdir: str) -> str:
                                            "report_normalized_mean": float(report[0]),
                                            "chosen_on_seed": select_seed if select_seed >= 0 else config.seed,
                                            "reported_on_seed": config.seed}
-                save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), cfg,
+                save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), first,
                            meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
     write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
     return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",

@@ -587,8 +587,8 @@ class SearchRun(NamedTuple):
 
 def search_from_config(config, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
-    from mdt_jax import checkpoint, evaluate as ev
-    from mdt_jax.run import load_fishers, config_dict, save_once, results_table, split_list
+    from mdt_jax import checkpoint, envs, evaluate as ev
+    from mdt_jax.run import config_dict, load_fishers, results_table, save_once, split_list
     from mdt_jax.train import run_config_guard
 
     if config.method not in METHODS:
@@ -638,15 +638,19 @@ def search_from_config(config, workdir: str) -> str:
 
     order = [paths[by_task[t]] for t in cfg.task_names]
     loaded = [checkpoint.load(p) for p in order]
-    finetuned = [p for _, p, _ in loaded]
-    meta = loaded[0][2]
-    stats = {t: ev.stats_from_metadata(meta, t) for t in cfg.task_names}
+    finetuned = [m.params for m in loaded]
+    first = loaded[0]  # every finetune of the model carries its normalisers
+    try:
+        stats = {t: ev.TaskStats.of(first.norm(t), envs.target_return(t)) for t in cfg.task_names}
+    except ValueError as e:
+        raise ValueError(f"config.checkpoints: {e}") from None
     fishers = None
     if fpaths:
         fishers = load_fishers([fpaths[by_task[t]] for t in cfg.task_names])
     pre = None
     if config.base:
-        base_cfg, pre, _ = checkpoint.load(config.base)
+        base = checkpoint.load(config.base)
+        base_cfg, pre = base.cfg, base.params
         if base_cfg != cfg:
             raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
     subset = config.subset or P.P2_SUBSET
@@ -667,10 +671,10 @@ def search_from_config(config, workdir: str) -> str:
               "seed": config.seed, "budget_episodes": budget, "episodes_per_candidate": epc,
               "selection": {"chosen_on": _seed_json(sel), "reported_on": _seed_json(rep)},
               "best_checkpoint": "best"}
-    meta_out = {k: meta[k] for k in ("stats", "tasks", "rtg_scale") if k in meta} | {
+    meta_out = {k: first.metadata[k] for k in ("tasks",) if k in first.metadata} | {
         "kind": "multi_task_merged", "merge": {"method": f"search_{config.method}", "subset": subset,
                                                "coefficients": result.coefficients}}
-    save_once(os.path.join(workdir, "best"), jax.device_get(best), cfg, meta_out)
+    save_once(os.path.join(workdir, "best"), jax.device_get(best), first, meta_out)
     write_json_atomic(out_json, {"search": record, "result": result.to_json(), "rows": rows}, overwrite=False)
     return results_table(rows, keys=("model", "task", "episodes", "return_mean", "return_std", "normalized"))
 

@@ -207,7 +207,7 @@ def test_merge_from_config_p1_align(tmp_path):
         "p1_average[hopper]", "p1_average[walker2d]"}
     _, got, meta = checkpoint.load(tmp_path / "out" / "merged_walker2d")
     assert meta["merge"]["align"] is True
-    want = P.p1_merge([checkpoint.load(p)[1] for p in paths], align=True, cfgs=cfgs)[1]
+    want = P.p1_merge([checkpoint.load(p).params for p in paths], align=True, cfgs=cfgs)[1]
     assert leaves_equal(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, want))
     config.pipeline, config.checkpoints = "p2", ",".join(paths)
     with pytest.raises(ValueError, match="config.align"):

@@ -326,9 +326,10 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     c.checkpoint, c.dataset, c.num_batches, c.batch_size = models[1], str(tmp_path / "hopper.hdf5"), 3, 8
     R.gram_from_config(c, gdirs[1])
     # the CLI normalised states with the checkpoint's own stats: recomputing here gives the same Grams
-    cfg, params, meta = checkpoint.load(models[0])
+    model = checkpoint.load(models[0])
+    cfg, params = model.cfg, model.params
     own = segment_data(make_dataset(n_traj=6, seed=0), context_len=4, max_ep_len=cfg.max_ep_len).replace(
-        state_mean=jnp.asarray(meta["state_mean"], jnp.float32), state_std=jnp.asarray(meta["state_std"], jnp.float32))
+        state_mean=jnp.asarray(model.norm().state_mean), state_std=jnp.asarray(model.norm().state_std))
     want = R.compute_grams(cfg, params, own, num_batches=3, batch_size=8, rng=jax.random.key(0))
     got, gmeta = R.load_grams(gdirs[0])
     assert gmeta["tasks"] == ["hopper"] and int(got.n_tokens) == int(want.n_tokens)
@@ -348,7 +349,7 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     trunks = M.stack([{k: v for k, v in p.items() if k.startswith("block_")} for _, p, _ in loaded])
     want = flat(R.regmean(trunks, M.stack([R.load_grams(d)[0].gram for d in gdirs]), 0.5, subset="attn,mlp"))
     for i, (_, orig, _) in enumerate(loaded):
-        mflat, oflat = flat(checkpoint.load(tmp_path / "p1" / f"merged_hopper_{i}")[1]), flat(orig)
+        mflat, oflat = flat(checkpoint.load(tmp_path / "p1" / f"merged_hopper_{i}").params), flat(orig)
         for p in want:
             if p.startswith(("block_0/attn", "block_0/mlp")):
                 np.testing.assert_allclose(mflat[p], want[p], rtol=1e-5, atol=1e-7, err_msg=p)

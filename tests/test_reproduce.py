@@ -99,39 +99,39 @@ def test_common_init_shares_the_trunk_and_merges_are_finite(tiny_run):
     workdir, _, _ = tiny_run
     sdir = os.path.join(workdir, "seed_0")
     trunk = lambda p: {k: v for k, v in p.items() if k.startswith("block_") or k == "ln_f"}
-    common = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model"))[1] for t in ("hopper", "walker2d")]
-    init = lambda t, s: checkpoint.load(os.path.join(sdir, f"dt_{s}_{t}", "model"))[2]["init_seed"]
+    common = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model")).params for t in ("hopper", "walker2d")]
+    init = lambda t, s: checkpoint.load(os.path.join(sdir, f"dt_{s}_{t}", "model")).metadata["init_seed"]
     assert init("hopper", "common") == init("walker2d", "common") != init("walker2d", "independent")
     assert init("hopper", "independent") != init("walker2d", "independent")
     # one init seed gives one trunk init across tasks of different dims ...
     from mdt_jax.train import init_params_for_seed
-    cfgs = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model"))[0] for t in ("hopper", "walker2d")]
+    cfgs = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model")).cfg for t in ("hopper", "walker2d")]
     a, b = (trunk(init_params_for_seed(c, init("hopper", "common"))) for c in cfgs)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     # ... and trained apart, the common-init trunks stay closer than the independent ones
     dist = lambda a, b: sum(float(np.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(trunk(a)),
                                                                          jax.tree.leaves(trunk(b))))
-    indep = [checkpoint.load(os.path.join(sdir, f"dt_independent_{t}", "model"))[1] for t in ("hopper", "walker2d")]
+    indep = [checkpoint.load(os.path.join(sdir, f"dt_independent_{t}", "model")).params for t in ("hopper", "walker2d")]
     assert dist(*common) < 0.5 * dist(*indep)
     merged_dirs = [os.path.join(d, m) for d in sorted(os.listdir(sdir)) if d.startswith(("p1_", "p2_", "p3"))
                    for m in os.listdir(os.path.join(sdir, d)) if m.startswith(("merged", "p3_"))]
     assert len(merged_dirs) >= 9 * 2 + 1 + 4
     # the pretrained set starts from the pretrained multi-task DT's trunk
-    pre = checkpoint.load(os.path.join(workdir, "pretrain", "mt", "model"))[1]
-    meta = checkpoint.load(os.path.join(sdir, "dt_pretrained_hopper", "model"))[2]
+    pre = checkpoint.load(os.path.join(workdir, "pretrain", "mt", "model")).params
+    meta = checkpoint.load(os.path.join(sdir, "dt_pretrained_hopper", "model")).metadata
     assert meta["init_trunk_from"] == os.path.join(os.path.abspath(workdir), "pretrain", "mt", "model")
     from mdt_jax.run import trunk_from_checkpoint
     start = trunk_from_checkpoint(cfgs[0], init_params_for_seed(cfgs[0], 0), os.path.join(workdir, "pretrain", "mt", "model"))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(trunk(start)), jax.tree.leaves(trunk(pre))))
     for rel in merged_dirs:
-        params = checkpoint.load(os.path.join(sdir, rel))[1]
+        params = checkpoint.load(os.path.join(sdir, rel)).params
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), rel
     # every evaluated model's actions were finite at every step (the evaluator counts the others)
     with open(os.path.join(workdir, "results.json")) as f:
         rows = json.load(f)["per_seed_rows"]
     assert rows and all(r["nan_action_steps"] == 0 and np.isfinite(r["return_mean"]) for r in rows)
     # independent-init P1 merging really changed the attn+mlp (the rows are not the unmerged ones again)
-    a = checkpoint.load(os.path.join(sdir, "p1_independent_average_attn+mlp", "merged_hopper"))[1]
+    a = checkpoint.load(os.path.join(sdir, "p1_independent_average_attn+mlp", "merged_hopper")).params
     assert not np.allclose(a["block_0"]["mlp"]["c_fc"]["kernel"], indep[0]["block_0"]["mlp"]["c_fc"]["kernel"])
     np.testing.assert_array_equal(a["block_0"]["ln_1"]["scale"], indep[0]["block_0"]["ln_1"]["scale"])
 
@@ -214,7 +214,7 @@ def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
     """Trained on uniform-random data, a DT still beats the uniform-random policy on hopper: its
     actions regress towards the data's mean (near 0), which keeps the hopper upright for longer
     and collects the healthy reward, where random actions topple it in ~20 steps."""
-    from mdt_jax import evaluate as ev
+    from mdt_jax import envs, evaluate as ev
     from mdt_jax.run import collect_dataset, train_from_config
     from configs import train as train_cfg
 
@@ -223,9 +223,11 @@ def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
     c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", path, 200, 100, 200
     c.model.hidden_size, c.model.n_layer, c.model.context_len = 32, 1, 10
     c.train.batch_size, c.train.learning_rate, c.train.warmup_steps = 32, 1e-3, 20
-    cfg, params, meta = checkpoint.load(train_from_config(c, str(tmp_path / "dt")))
+    model = checkpoint.load(train_from_config(c, str(tmp_path / "dt")))
+    cfg, params = model.cfg, model.params
     E = 20
-    dt = ev.evaluate(cfg, params, ["hopper"], {"hopper": ev.stats_from_metadata(meta)}, episodes=E,
+    stats = {"hopper": ev.TaskStats.of(model.norm("hopper"), envs.target_return("hopper"))}
+    dt = ev.evaluate(cfg, params, ["hopper"], stats, episodes=E,
                      max_steps=300, seed=1)[0].returns[0]
     rnd = R.random_policy_rows(["hopper"], episodes=E, max_steps=300, seed=1)[0]
     se = np.hypot(dt.std(), rnd["return_std"]) / np.sqrt(E)

@@ -103,3 +103,12 @@ def behaviour_policy_dir(task: str, quality: str) -> str:
     return d
 
 
+
+
+def _register() -> None:
+    from mdt_jax.data import register_resolver
+
+    register_resolver("generated:", resolve_dataset)
+
+
+_register()

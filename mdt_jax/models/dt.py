@@ -387,7 +387,11 @@ class DecisionTransformer(nn.Module):
         cfg = self.cfg
         B, K = states.shape[:2]
         if cfg.multi and task_id is None:
-            raise ValueError("multi-task DT needs task_id (B,) int")
+            raise ValueError("multi-task DT needs task_id: an int, or (B,) ints")
+        if task_id is not None:  # one task for the whole batch is broadcast here, not by every caller
+            if jnp.ndim(task_id) not in (0, 1) or (jnp.ndim(task_id) == 1 and jnp.shape(task_id)[0] != B):
+                raise ValueError(f"task_id: expected an int or shape ({B},), got shape {jnp.shape(task_id)}")
+            task_id = jnp.broadcast_to(jnp.asarray(task_id, jnp.int32), (B,))
         if mask is None:
             mask = jnp.ones((B, K), jnp.float32)
         time_emb = self.embed_timestep(timesteps)
