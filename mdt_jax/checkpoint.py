@@ -228,3 +228,11 @@ def load(directory: str | os.PathLike) -> Model:
     params = read_params_dir(directory, CheckpointError, "DT checkpoint", param_shapes(m.cfg), functools.partial(
         _check_loaded, m.cfg))
     return dataclasses.replace(m, params=params)
+
+
+def save_once(directory: str | os.PathLike, params, model: Model, metadata: dict) -> str:
+    """Save `params` with `model`'s config, tasks and normalisers (and `metadata`) unless a
+    complete checkpoint is already there (a resumed run)."""
+    if os.path.exists(os.path.join(os.fspath(directory), META_FILE)):
+        return os.path.abspath(os.fspath(directory))
+    return save(directory, params, model.cfg, metadata, norms=model.norms, tasks=model.tasks)

@@ -256,7 +256,7 @@ def evaluate_task_models(cfg, task_params, stats: dict, *, episodes: int = 50, m
                          seed: int = 0, executor: str = "auto", extra: dict | None = None) -> list[dict]:
     """Evaluate a multi-task DT whose task t runs with its own params: `task_params` stacked on a
     leading axis aligned with `cfg.task_names`; task t is evaluated (`mdt_jax.evaluate.evaluate`)
-    with candidate t only. Returns one summary row per task (as `run._evaluate_rows`), plus `extra`."""
+    with candidate t only. Returns one summary row per task (as `evaluate.evaluate_model`'s rows), plus `extra`."""
     from mdt_jax import evaluate as ev
 
     if not cfg.multi:

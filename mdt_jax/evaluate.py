@@ -107,6 +107,68 @@ class TaskResult:
                 "nan_action_steps": int(self.nan_actions[m].sum()), "returns": r.tolist()}
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """How a stage evaluates its models: episodes per task (reset seed given per call), the step
+    cap, the executor, and whether a single-task model runs only on its own task (else on every
+    task whose dims fit it)."""
+
+    episodes: int = 10
+    max_steps: int = 1000
+    executor: str = "auto"
+    own_task: bool = False
+
+    def __post_init__(self):
+        for f in ("episodes", "max_steps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"eval.{f}: must be a positive int, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One evaluated (model or candidate, task): `TaskResult.summary` plus what was evaluated.
+    `to_dict()` is the results schema of merge.json / results.json."""
+
+    model: str
+    summary: dict
+    checkpoint_mode: str = "last"
+    checkpoint: str | None = None
+    coefficients: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = self.summary | {"checkpoint_mode": self.checkpoint_mode, "model": self.model}
+        if self.checkpoint is not None:
+            d["checkpoint"] = self.checkpoint
+        return d | ({"coefficients": self.coefficients} if self.coefficients else {})
+
+
+def evaluate_model(model, params, spec: EvalSpec, *, seed: int, label: str, checkpoint: str | None = None,
+                   stacked_coeffs: list[dict] | None = None) -> list[Row]:
+    """Evaluate `params` (one model, or candidates stacked on a leading axis, one per entry of
+    `stacked_coeffs`) with `model`'s config and normalisers (a `checkpoint.Model`) on reset seed
+    `seed`; one Row per (candidate, task). A multi-task model runs on its tasks; a single-task one
+    on its own task (`spec.own_task`) or on every task its dims fit."""
+    cfg, meta = model.cfg, model.metadata
+    if cfg.multi:
+        tasks = list(cfg.task_names)
+    elif spec.own_task:
+        tasks = [meta["task"]]
+    else:
+        tasks = [t.name for t in map(envs.get_task, envs.TASKS) if (t.obs_dim, t.act_dim) == (cfg.state_dim, cfg.act_dim)]
+    stats = {}
+    for t in tasks:
+        try:
+            stats[t] = TaskStats.of(model.norm(t), envs.target_return(t))
+        except ValueError as e:
+            raise ValueError(f"config.checkpoint: {e}") from None
+    results = evaluate(cfg, params, tasks, stats, episodes=spec.episodes, max_steps=spec.max_steps, seed=seed,
+                       executor=spec.executor)
+    mode = meta.get("checkpoint_mode", "last")
+    return [Row(label, r.summary(i), mode, checkpoint, coeffs or None)
+            for i, coeffs in enumerate(stacked_coeffs or [{}]) for r in results]
+
+
 def _num_candidates(cfg: DTConfig, params) -> int | None:
     """None for one param set; M when every leaf has an extra leading axis of size M."""
     want = param_shapes(cfg)

@@ -172,3 +172,15 @@ def read_params_dir(directory, error: type[Exception], what: str, shapes, check:
     params = orbax_read(pdir, error, what, target=target, check=lambda stored: check(stored, f"arrays stored in {pdir}"))
     check(params, pdir)
     return params
+
+
+def cached_json(path: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`'s JSON-able result, computed once: kept at `path` (written atomically) and read back
+    on later calls, so a resumed run skips a stage it finished."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    out = fn()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, out)
+    return out

@@ -410,6 +410,11 @@ def load_fisher(directory) -> tuple[FisherResult, dict]:
     return result, meta.get("metadata") or {}
 
 
+def load_fishers(paths: list[str]) -> list[dict]:
+    """The Fisher trees of `save_fisher` folders, in order."""
+    return [load_fisher(p)[0].fisher for p in paths]
+
+
 # ------------------------------------------------------------------ edge: config -> Fisher files
 
 def _chunked_fisher(cfg: DTConfig, params, data: SegmentData, rng, *, num_batches: int, batch_size: int,

@@ -36,10 +36,10 @@ import numpy as np
 
 import ml_collections
 
-from mdt_jax import checkpoint, envs
-from mdt_jax.fileio import write_json_atomic
-from mdt_jax.run import (evaluate_rows, config_dict, cached_stage, collect_dataset, merge_from_config, split_list,
-                         train_from_config)
+from mdt_jax import checkpoint, envs, evaluate as ev
+from mdt_jax.fileio import cached_json, write_json_atomic
+from mdt_jax.pipelines import merge_stage
+from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_from_config
 
 SETS = ("independent", "common", "pretrained", "large")
 P1_SUBSETS = {"attn,mlp": "attn+mlp", "blocks": "blocks"}
@@ -181,24 +181,21 @@ def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_see
 
 
 def _merge(config, workdir: str, seed: int, **fields) -> list[dict]:
-    """merge_from_config with `fields` over `config.merge`; its rows (cached in merge.json)."""
+    """`pipelines.merge_stage` of `config.merge` (typed once) with `fields` over it; its rows (cached
+    in merge.json)."""
     path = os.path.join(workdir, "merge.json")
     if not os.path.exists(path):
         _log(f"merge {os.path.basename(workdir)}")
-        mc = config.merge.copy_and_resolve_references()
-        with mc.unlocked():
-            for k, v in fields.items():
-                mc[k] = v
-            mc.seed = seed
-            mc.eval = _own_task_eval(config)
-        merge_from_config(mc, workdir)
+        spec = merge_spec(config.merge, seed=seed, eval=_own_task_eval(config), **fields)
+        merge_stage(spec, workdir)
     with open(path) as f:
         return json.load(f)["rows"]
 
 
-def _own_task_eval(config) -> ml_collections.ConfigDict:
-    """configs/merge.py's eval settings from `config.eval`: single-task models on their own task only."""
-    return ml_collections.ConfigDict(config_dict(config.eval) | {"own_task": True})
+def _own_task_eval(config) -> ev.EvalSpec:
+    """The study's evaluation settings (`config.eval`): single-task models on their own task only."""
+    return ev.EvalSpec(episodes=config.eval.episodes, max_steps=config.eval.max_steps,
+                       executor=config.eval.executor, own_task=True)
 
 
 def random_policy_rows(tasks, *, episodes: int, max_steps: int, seed: int) -> list[dict]:
@@ -264,8 +261,8 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                                                                           else [])
         for k, (method, subset) in enumerate(variants):
             out = _merge(config, os.path.join(sdir, f"p1_{name}_{method}_{subset.replace(',', '+')}"), seed,
-                         pipeline="p1", method=method, subset=subset, checkpoints=",".join(models[name]),
-                         fishers=",".join(fishers), eval_inputs=k == 0)
+                         pipeline="p1", method=method, subset=subset, checkpoints=tuple(models[name]),
+                         fishers=tuple(fishers), eval_inputs=k == 0)
             for r in out:
                 kind, own = re.fullmatch(r"(.+)\[(.+)\]", r["model"]).groups()
                 assert own == r["task"], (own, r["task"])  # own_task evaluation
@@ -281,13 +278,13 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
         grams = [_gram(config, os.path.join(sdir, f"gram_{name}_{t}"), m, data[t], seed)
                  for t, m in zip(tasks, models[name])]
         for r in _merge(config, os.path.join(sdir, f"p1_{name}_regmean_attn+mlp"), seed, pipeline="p1",
-                        method="regmean", subset="attn,mlp", checkpoints=",".join(models[name]),
-                        grams=",".join(grams), eval_inputs=False):
+                        method="regmean", subset="attn,mlp", checkpoints=tuple(models[name]),
+                        grams=tuple(grams), eval_inputs=False):
             rows += _tag([r], seed, pipeline="beyond", model=f"dt_{name}", method="regmean", subset="attn+mlp")
     # beyond the paper: the independent inits permutation-aligned (weight matching) before averaging
     if "independent" in sets:
         for r in _merge(config, os.path.join(sdir, "p1_independent_aligned_average_attn+mlp"), seed, pipeline="p1",
-                        method="average", subset="attn,mlp", checkpoints=",".join(models["independent"]),
+                        method="average", subset="attn,mlp", checkpoints=tuple(models["independent"]),
                         align=True, eval_inputs=False):
             rows += _tag([r], seed, pipeline="beyond", model="dt_independent", method="aligned_average",
                          subset="attn+mlp")
@@ -305,7 +302,7 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                   for t, m in zip(tasks, fts)]
     select_seed = select_seeds(config, seed)
     p3_rows = _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
-                     checkpoints=",".join(fts), eval_inputs=True, select_seed=select_seed)
+                     checkpoints=tuple(fts), eval_inputs=True, select_seed=select_seed)
     with open(os.path.join(sdir, "p3", "merge.json")) as f:
         p3_best = json.load(f)["merge"].get("p3_best", {})
     for name, b in p3_best.items():  # each grid's best, chosen on the selection episodes, reported on these
@@ -326,11 +323,11 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
         else:
             rows += _tag([r], seed, pipeline="p3", model="mt_finetunes", method=m[3:])
     for r in _merge(config, os.path.join(sdir, "p2_fisher"), seed, pipeline="p2", method="fisher",
-                    checkpoints=",".join(fts), fishers=",".join(ft_fishers), eval_inputs=False):
+                    checkpoints=tuple(fts), fishers=tuple(ft_fishers), eval_inputs=False):
         rows += _tag([r], seed, pipeline="p2", model="mt_finetunes", method="fisher")
     # beyond the paper: EMR (a unified task vector, a mask and a rescaler per task) on the P2 finetunes
     for r in _merge(config, os.path.join(sdir, "p2_emr"), seed, pipeline="p2", method="emr", base=mt,
-                    checkpoints=",".join(fts), eval_inputs=False):
+                    checkpoints=tuple(fts), eval_inputs=False):
         rows += _tag([r], seed, pipeline="beyond", model="mt_finetunes", method="emr")
     # beyond the paper: per-block lerp coefficients between the multi-task DT and the P2 average, by
     # CMA-ES on closed-loop return (selection episodes), the best reported on the report episodes
@@ -338,7 +335,7 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     if sc is not None and sc.generations:
         rows += _tag(_search(config, os.path.join(sdir, "search_lerp"), mt, fts, seed, select_seed), seed,
                      pipeline="beyond", model="mt_finetunes", method="cma_lerp")
-    rows += _tag(cached_stage(sdir, "random", lambda: random_policy_rows(
+    rows += _tag(cached_json(os.path.join(sdir, "stages", "random.json"), lambda: random_policy_rows(
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")
     return rows
@@ -352,11 +349,9 @@ def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: in
     wd = os.path.join(sdir, f"p1ft_{method}_{t}")
     model = _train(config, wd, task=t, dataset=data[t], seed=100 * seed + 70, init_from=row["checkpoint"],
                    num_steps=config.p1_finetune.num_steps, train={"freeze": ",".join(P1_FREEZE)})
-    ec = config.merge.copy_and_resolve_references()
-    with ec.unlocked():
-        ec.seed, ec.eval = seed, _own_task_eval(config)
     m = checkpoint.load(model)
-    out = cached_stage(wd, "eval", lambda: evaluate_rows(m, m.params, ec))
+    out = cached_json(os.path.join(wd, "stages", "eval.json"), lambda: [
+        r.to_dict() for r in ev.evaluate_model(m, m.params, _own_task_eval(config), seed=seed, label="dt_common")])
     return _tag(out, seed, pipeline="p1", model="dt_common", method=f"{method}+finetune", subset="attn+mlp")
 
 
@@ -726,7 +721,7 @@ def reproduce(config, workdir: str) -> str:
     per_seed = []
     for s in seeds:
         _log(f"seed {s}")
-        per_seed += cached_stage(os.path.join(workdir, f"seed_{s}"), "rows",
+        per_seed += cached_json(os.path.join(workdir, f"seed_{s}", "stages", "rows.json"),
                            lambda: run_seed(config, workdir, tasks, data, s, pretrained))
     rows = pool_rows(per_seed)
     BOOTSTRAP["reps"] = int(config.get("bootstrap_reps", 2000))

@@ -401,31 +401,6 @@ def _floats(value) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
 
 
-def cached_stage(workdir: str, key: str, fn):
-    """Run `fn()` once per workdir: its JSON result is kept in `workdir/stages/<key>.json` and reused."""
-    path = os.path.join(workdir, "stages", f"{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    out = fn()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, out)
-    return out
-
-
-def save_once(directory: str, params, model: checkpoint.Model, meta: dict) -> str:
-    """Save `params` with `model`'s config and normalisers (and `meta`) unless a complete checkpoint
-    is already there (a resumed run)."""
-    if os.path.exists(os.path.join(directory, checkpoint.META_FILE)):
-        return os.path.abspath(directory)
-    return checkpoint.save(directory, params, model.cfg, meta, norms=model.norms, tasks=model.tasks)
-
-
-def load_fishers(paths: list[str]) -> list[dict]:
-    from mdt_jax.fisher import load_fisher
-    return [load_fisher(p)[0].fisher for p in paths]
-
-
 def _norm(model: checkpoint.Model, task: str):
     try:
         return model.norm(task)
@@ -433,193 +408,32 @@ def _norm(model: checkpoint.Model, task: str):
         raise ValueError(f"config.checkpoint: {e}") from None
 
 
-def evaluate_rows(model: checkpoint.Model, params, config, *, stacked_coeffs=None, extra=None) -> list[dict]:
-    """Evaluate `params` (one model, or candidates stacked on a leading axis) of `model`'s config,
-    normalised with its normalisers, on every task its dims fit; one row per (candidate, task)."""
-    from mdt_jax import envs, evaluate as ev
+def merge_spec(config, **overrides):
+    """configs/merge.py's ConfigDict as a typed `pipelines.MergeSpec` (`overrides`: typed fields
+    set over it, e.g. by the study)."""
+    from mdt_jax import evaluate as ev
+    from mdt_jax.pipelines import MergeSpec
 
-    cfg, meta = model.cfg, model.metadata
-    if cfg.multi:
-        tasks = list(cfg.task_names)
-    elif config.eval.get("own_task", False):
-        tasks = [meta["task"]]
-    else:
-        tasks = [t for t in envs.TASKS if task_dims(t) == (cfg.state_dim, cfg.act_dim)]
-    stats = {t: ev.TaskStats.of(_norm(model, t), envs.target_return(t)) for t in tasks}
-    results = ev.evaluate(cfg, params, tasks, stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
-                          seed=config.seed, executor=config.eval.executor)
-    rows = []
-    for i, coeffs in enumerate(stacked_coeffs or [{}]):
-        for r in results:
-            rows.append(r.summary(i) | {"checkpoint_mode": meta.get("checkpoint_mode", "last")} | (extra or {})
-                        | ({"coefficients": coeffs} if coeffs else {}))
-    return rows
-
-
-def _merge_emr(config, workdir: str, model: checkpoint.Model, order: list, record: dict, subset: str) -> list[dict]:
-    """P2 with EMR-Merging (`mdt_jax.emr`): elect against `config.base`, save WORKDIR/emr (the
-    unified vector, masks, rescalers and the base's path), evaluate each task with its own model."""
-    from mdt_jax import emr as E, envs, evaluate as ev, merge as M
-
-    cfg = model.cfg
-    base_model = checkpoint.load(config.base)
-    base_cfg, base = base_model.cfg, base_model.params
-    if base_cfg != cfg:
-        raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
-    names = [f"finetune[{t}]" for t in cfg.task_names]
-    emr = E.emr_elect(base, M.stack(order, names), subset=subset, names=names)
-    record |= {"base": os.path.abspath(config.base), "rescalers": np.asarray(emr.rescalers).tolist(),
-               "merged_fraction": M.merged_fraction(base, subset)}
-    meta_out = {k: model.metadata[k] for k in ("tasks",) if k in model.metadata} | {
-        "kind": "multi_task_emr", "merge": record, "norms": {t: n.to_dict() for t, n in model.norms.items()}}
-    out = os.path.join(workdir, "emr")
-    if not os.path.exists(os.path.join(out, E.META_FILE)):
-        E.save_emr(out, emr, base=config.base, config=cfg, names=list(cfg.task_names), subset=subset,
-                   metadata=meta_out)
-    stats = {t: ev.TaskStats.of(_norm(model, t), envs.target_return(t)) for t in cfg.task_names}
-    return cached_stage(workdir, "eval_p2_emr", lambda: E.evaluate_task_models(
-        cfg, E.emr_stack(base, emr), stats, episodes=config.eval.episodes, max_steps=config.eval.max_steps,
-        seed=config.seed, executor=config.eval.executor, extra={"model": "p2_emr", "checkpoint": out}))
+    d = config_dict(config)
+    for f in ("checkpoints", "fishers", "grams"):
+        d[f] = tuple(split_list(d[f]))
+    for f in ("weights", "lerp_ps", "ta_lams", "ties_ks", "ties_lams", "dare_ps"):
+        try:
+            d[f] = tuple(_floats(d[f]))
+        except ValueError as e:
+            raise ValueError(f"config.{f}: {e}") from None
+    d["eval"] = ev.EvalSpec(**d["eval"])
+    return MergeSpec(**(d | overrides))
 
 
 def merge_from_config(config, workdir: str) -> str:
     """Run configs/merge.py: P1, P2 or P3 over trained checkpoints; evaluate; write merge.json."""
-    from mdt_jax import merge as M, pipelines as P
+    from mdt_jax.pipelines import merge_stage
 
-    if config.pipeline not in ("p1", "p2", "p3"):
-        raise ValueError(f"config.pipeline: unknown {config.pipeline!r}; choose p1, p2 or p3")
-    if config.method not in ("average", "fisher", "regmean") and not (config.method == "emr" and config.pipeline == "p2"):
-        raise ValueError(f"config.method: unknown merge method {config.method!r} for {config.pipeline}; "
-                         "choose average, fisher or regmean (task arithmetic, TIES and DARE run as P3 grids; "
-                         "emr with pipeline p2)")
-    if config.method == "emr" and not config.base:
-        raise ValueError("config.base: method=emr needs the multi-task model before finetuning (the base)")
-    align = bool(config.get("align", False))
-    if align and config.pipeline != "p1":
-        raise ValueError(f"config.align: permutation alignment is for P1 (independent inits), not {config.pipeline}")
-    if align and config.method == "regmean":
-        raise ValueError("config.align: alignment with method=regmean would need the Grams permuted too; "
-                         "compute the Grams of the aligned models instead")
-    paths = split_list(config.checkpoints)
-    if len(paths) < 2:
-        raise ValueError(f"config.checkpoints: need at least 2 models to merge, got {len(paths)}")
-    if config.method == "regmean" and len(split_list(config.grams)) != len(paths):
-        raise ValueError(f"config.grams: method=regmean needs one Gram folder (launch.gram) per checkpoint "
-                         f"({len(paths)}), got {len(split_list(config.grams))}")
-    if os.path.exists(os.path.join(workdir, "merge.json")):
-        raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")
-    run_config_guard(workdir, config_dict(config))  # a killed run resumes; a different one is refused
-    loaded = [checkpoint.load(p) for p in paths]
-    fishers = None
-    if config.method == "fisher":
-        fpaths = split_list(config.fishers)
-        if len(fpaths) != len(paths):
-            raise ValueError(f"config.fishers: method=fisher needs one Fisher per checkpoint ({len(paths)}), "
-                             f"got {len(fpaths)}")
-        fishers = load_fishers(fpaths)
-    grams = None
-    if config.method == "regmean":
-        from mdt_jax.regmean import load_grams
-        grams = [load_grams(p)[0].gram for p in split_list(config.grams)]
-    coeffs = {"weights": jnp.asarray(_floats(config.weights))} if config.weights and config.method == "average" \
-        else ({"floor": config.floor, "normalize_trace": config.normalize_trace,
-               "trace_over": config.get("trace_over", "fisher")} if config.method == "fisher" else {})
-    if config.method == "regmean":
-        coeffs = {"alpha": float(config.regmean_alpha)}
-    subset = config.subset or (P.P1_SUBSET if config.pipeline == "p1" else P.P2_SUBSET)
-    record = {"pipeline": config.pipeline, "method": config.method, "subset": subset, "models": paths, "align": align,
-              "fishers": split_list(config.fishers) if fishers else [],
-              "grams": split_list(config.grams) if grams else [],
-              "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
-    rows: list[dict] = []
-    os.makedirs(workdir, exist_ok=True)
-    if config.pipeline == "p1":
-        if any(m.cfg.multi for m in loaded):
-            raise ValueError("config.checkpoints: P1 merges single-task DTs; got a multi-task checkpoint")
-        names = [m.metadata.get("task", "model") for m in loaded]
-        names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # e.g. two seeds of a task
-        merged = P.p1_merge([m.params for m in loaded], config.method, fishers, grams=grams, subset=subset,
-                            names=names, align=align, cfgs=[m.cfg for m in loaded], align_seed=config.seed,
-                            **coeffs)
-        record["merged_fraction"] = M.merged_fraction(P.trunk(loaded[0].params), subset)
-        for m, name, params in zip(loaded, names, merged):
-            out = save_once(os.path.join(workdir, f"merged_{name}"), params, m, m.metadata | {"merge": record})
-            rows += cached_stage(workdir, f"eval_p1_{name}", lambda: evaluate_rows(
-                m, params, config, extra={"model": f"p1_{config.method}[{name}]", "checkpoint": out}))
-            if config.eval_inputs:
-                rows += cached_stage(workdir, f"eval_unmerged_{name}", lambda: evaluate_rows(
-                    m, m.params, config, extra={"model": f"unmerged[{name}]"}))
-    else:
-        cfgs = {m.cfg for m in loaded}
-        if len(cfgs) != 1 or not next(iter(cfgs)).multi:
-            raise ValueError("config.checkpoints: P2/P3 merge per-task finetunes of one multi-task DT "
-                             "(all with the same multi-task config)")
-        cfg = cfgs.pop()
-        by_task = {m.metadata.get("task"): m for m in loaded}
-        if set(by_task) != set(cfg.task_names):
-            raise ValueError(f"config.checkpoints: need one finetune per task {cfg.task_names}, got {sorted(map(str, by_task))}")
-        order = [by_task[t].params for t in cfg.task_names]
-        first = by_task[cfg.task_names[0]]  # the normalisers every finetune of the model carries
-        loaded_tasks = [m.metadata.get("task") for m in loaded]
-        if fishers is not None:
-            fishers = [fishers[loaded_tasks.index(t)] for t in cfg.task_names]
-        if grams is not None:
-            grams = [grams[loaded_tasks.index(t)] for t in cfg.task_names]
-        meta_out = {k: first.metadata[k] for k in ("tasks",) if k in first.metadata}
-        if config.method == "emr":  # one unified trunk task vector; task t runs base + lambda_t M_t tau_uni
-            rows += _merge_emr(config, workdir, first, order, record, subset)
-        else:
-            merged = P.p2_merge(cfg, order, config.method, fishers, grams=grams, subset=subset, **coeffs)
-            record["merged_fraction"] = M.merged_fraction(merged, subset)
-            meta_out |= {"kind": "multi_task_merged", "merge": record}
-            out = save_once(os.path.join(workdir, "merged"), merged, first, meta_out)
-            rows += cached_stage(workdir, "eval_p2", lambda: evaluate_rows(
-                first, merged, config, extra={"model": f"p2_{config.method}", "checkpoint": out}))
-        for t, p in zip(cfg.task_names, order if config.eval_inputs else ()):
-            rows += cached_stage(workdir, f"eval_finetune_{t}", lambda: evaluate_rows(
-                first, p, config, extra={"model": f"finetune_{t}"}))
-        if config.pipeline == "p3":
-            if not config.base:
-                raise ValueError("config.base: P3 needs the multi-task model before finetuning")
-            base_model = checkpoint.load(config.base)
-            base_cfg, pre = base_model.cfg, base_model.params
-            if base_cfg != cfg:
-                raise ValueError(f"config.base: {config.base} is not the model these finetunes came from (config differs)")
-            if config.eval_inputs:
-                rows += cached_stage(workdir, "eval_pre", lambda: evaluate_rows(first, pre, config,
-                                                                           extra={"model": "pre"}))
-            grids = P.p3_candidates(cfg, pre, order, merged, lerp_ps=_floats(config.lerp_ps),
-                                    ta_lams=_floats(config.ta_lams), ties_ks=_floats(config.ties_ks),
-                                    ties_lams=_floats(config.ties_lams), dare_ps=_floats(config.dare_ps),
-                                    rng=jax.random.key(config.seed), subset=subset)
-            record["p3_best"] = {}
-            select_seed = int(config.get("select_seed", -1))
-            if select_seed == config.seed:
-                raise ValueError(f"config.select_seed: {select_seed} is the report seed (config.seed); selection "
-                                 "episodes must have reset seeds disjoint from the reported ones")
-            sel_config = config.copy_and_resolve_references()
-            with sel_config.unlocked():
-                sel_config.seed = select_seed
-            for name, (cands, grid) in grids.items():
-                grid_rows = cached_stage(workdir, f"eval_p3_{name}", lambda: evaluate_rows(
-                    first, cands, config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
-                rows += grid_rows
-                chosen_on = grid_rows
-                if select_seed >= 0:  # choose on held-out selection episodes, report on config.seed's
-                    chosen_on = cached_stage(workdir, f"select_p3_{name}", lambda: evaluate_rows(
-                        first, cands, sel_config, stacked_coeffs=grid, extra={"model": f"p3_{name}"}))
-                means = [np.mean([r["normalized"] for r in chosen_on if r["coefficients"] == c]) for c in grid]
-                best = int(np.argmax(means))
-                report = [np.mean([r["normalized"] for r in grid_rows if r["coefficients"] == grid[best]])]
-                record["p3_best"][name] = {"coefficients": grid[best], "selection_normalized_mean": float(means[best]),
-                                           "report_normalized_mean": float(report[0]),
-                                           "chosen_on_seed": select_seed if select_seed >= 0 else config.seed,
-                                           "reported_on_seed": config.seed}
-                save_once(os.path.join(workdir, f"p3_{name}_best"), jax.tree.map(lambda x: x[best], cands), first,
-                           meta_out | {"merge": record | {"method": name, "coefficients": grid[best]}})
-    write_json_atomic(os.path.join(workdir, "merge.json"), {"merge": record, "rows": rows})
-    return results_table(rows, keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
-                                     "return_over_target", "normalized"))
+    result = merge_stage(merge_spec(config), workdir)
+    return results_table([r.to_dict() for r in result.rows],
+                         keys=("model", "coefficients", "task", "episodes", "return_mean", "return_std",
+                               "return_over_target", "normalized"))
 
 
 def behaviour_backend(backend: str) -> str:

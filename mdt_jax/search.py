@@ -46,7 +46,7 @@ atomic rename (`mdt_jax.fileio`), and ``workdir/history.json`` beside it, so tha
 rerun with the same arguments continues from its last finished generation and ends exactly where
 an uninterrupted one does. `budget_episodes` caps the episodes spent.
 
-`run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.run.evaluate_rows`
+`run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.evaluate.evaluate_model`'s
 out); `search_from_config` is the CLI's (configs/search.py).
 """
 from __future__ import annotations
@@ -534,7 +534,7 @@ def run_search(cfg: DTConfig, finetuned: Sequence[dict], stats: dict, *, method:
     (highest mean normalised score seen) and the baseline (theta = 0: the plain merge with the
     uniform neutral coefficient) are then evaluated together on `report_episodes` (default
     `episodes`) per report seed. Returns (rows, result, space): one row per (model, task) like
-    `mdt_jax.run.evaluate_rows`, with `selection` {"chosen_on", "reported_on"}.
+    `mdt_jax.evaluate.evaluate_model`'s, with `selection` {"chosen_on", "reported_on"}.
     `budget_episodes` defaults to exactly `generations` generations. `space_kw` go to `make_space`.
     Returns a `SearchRun` (rows, result, space, best params).
     """
@@ -588,7 +588,8 @@ class SearchRun(NamedTuple):
 def search_from_config(config, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
     from mdt_jax import checkpoint, envs, evaluate as ev
-    from mdt_jax.run import config_dict, load_fishers, results_table, save_once, split_list
+    from mdt_jax.fisher import load_fishers
+    from mdt_jax.run import config_dict, results_table, split_list
     from mdt_jax.train import run_config_guard
 
     if config.method not in METHODS:
@@ -674,7 +675,7 @@ def search_from_config(config, workdir: str) -> str:
     meta_out = {k: first.metadata[k] for k in ("tasks",) if k in first.metadata} | {
         "kind": "multi_task_merged", "merge": {"method": f"search_{config.method}", "subset": subset,
                                                "coefficients": result.coefficients}}
-    save_once(os.path.join(workdir, "best"), jax.device_get(best), first, meta_out)
+    checkpoint.save_once(os.path.join(workdir, "best"), jax.device_get(best), first, meta_out)
     write_json_atomic(out_json, {"search": record, "result": result.to_json(), "rows": rows}, overwrite=False)
     return results_table(rows, keys=("model", "task", "episodes", "return_mean", "return_std", "normalized"))
 
