@@ -1,6 +1,6 @@
 """Compute a DT's diagonal Fisher. The config's docstring (configs/fisher.py) gives the command."""
 from launch._common import config_app, run_app
-from mdt_jax.fisher import fisher_from_config
+from mdt_jax.run import fisher_from_config
 
 main = config_app("configs/fisher.py", fisher_from_config,
                   "Output folder (fisher/ and fisher.json); must not exist.")

@@ -44,6 +44,7 @@ Artifacts (`save_fisher` / `load_fisher`), written atomically and never overwrit
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -451,7 +452,31 @@ def _chunked_fisher(cfg: DTConfig, params, data: SegmentData, rng, *, num_batche
     return average_tasks(jax.tree.map(lambda *xs: jnp.stack(xs), *per_task))
 
 
-def fisher_from_config(config, workdir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class FisherRun:
+    """One Fisher computation (configs/fisher.py's fields, typed; see that file)."""
+
+    checkpoint: str = ""
+    dataset: tuple[str, ...] = ()
+    method: str = "faithful"
+    num_batches: int = 100
+    batch_size: int = 64
+    subset: str = "blocks"
+    spec_info: bool = False
+    chunk_batches: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.dataset, str):
+            raise TypeError("FisherRun.dataset: a tuple of dataset specs, not a string")
+        object.__setattr__(self, "dataset", tuple(self.dataset))
+
+    def run_config(self) -> dict:
+        """This run in configs/fisher.py's layout, as the partial folder records it."""
+        return dataclasses.asdict(self) | {"dataset": ",".join(self.dataset)}
+
+
+def fisher_run(config: FisherRun, workdir: str) -> str:
     """Run configs/fisher.py: the Fisher of a checkpoint on its dataset(s) -> `workdir` (fisher/ +
     fisher.json); returns a one-line summary."""
     from mdt_jax import checkpoint
@@ -460,16 +485,16 @@ def fisher_from_config(config, workdir: str) -> str:
     if config.method not in METHODS:
         raise ValueError(f"config.method: unknown Fisher method {config.method!r}; choose one of {METHODS}")
     for f in ("num_batches", "batch_size"):
-        if config[f] <= 0:
-            raise ValueError(f"config.{f}: must be a positive int, got {config[f]}")
+        if getattr(config, f) <= 0:
+            raise ValueError(f"config.{f}: must be a positive int, got {getattr(config, f)}")
     if not config.checkpoint:
         raise ValueError("config.checkpoint: no model checkpoint given")
-    datasets = [d.strip() for d in str(config.dataset).split(",") if d.strip()]
+    datasets = list(config.dataset)
     if not datasets:
         raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise FileExistsError(f"{workdir} already exists and is not empty; use a new --workdir")
-    cb = config.get("chunk_batches", 25)
+    cb = config.chunk_batches
     if not isinstance(cb, int) or cb <= 0:
         raise ValueError(f"config.chunk_batches: must be a positive int, got {cb!r}")
     model = checkpoint.load(config.checkpoint)
@@ -478,7 +503,7 @@ def fisher_from_config(config, workdir: str) -> str:
                   subset=config.subset or DEFAULT_SUBSET)
     rng = jax.random.key(config.seed)
     partial = os.path.abspath(workdir).rstrip("/") + ".partial"
-    run_config_guard(partial, config.to_dict() | {"checkpoint": os.path.abspath(config.checkpoint)})
+    run_config_guard(partial, config.run_config() | {"checkpoint": os.path.abspath(config.checkpoint)})
     compute_fisher = functools.partial(_chunked_fisher, partial_dir=partial, chunk_batches=cb)
     tasks, data, task = model_task_data(model, datasets, one_task=bool(config.spec_info))
     result = compute_fisher(cfg, params, data, rng, **({"task": task} if task else {}), **common)

@@ -58,8 +58,8 @@ Artifacts (`save_grams` / `load_grams`), written atomically and never overwritte
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
 
 import flax.linen as nn
@@ -364,18 +364,35 @@ def load_grams(directory) -> tuple[Grams, dict]:
 
 # -------------------------------------------------------------------- edge: config -> Gram files
 
-def gram_from_config(config, workdir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class GramRun:
+    """One Gram computation (configs/gram.py's fields, typed; see that file)."""
+
+    checkpoint: str = ""
+    dataset: tuple[str, ...] = ()
+    num_batches: int = 100
+    batch_size: int = 64
+    spec_info: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.dataset, str):
+            raise TypeError("GramRun.dataset: a tuple of dataset specs, not a string")
+        object.__setattr__(self, "dataset", tuple(self.dataset))
+
+
+def gram_run(config: GramRun, workdir: str) -> str:
     """Run configs/gram.py: the trunk Linears' input Grams of a checkpoint on its dataset(s) ->
     `workdir` (grams/ + grams.json); returns a one-line summary."""
     from mdt_jax import checkpoint
     from mdt_jax.data.loading import model_task_data
 
     for f in ("num_batches", "batch_size"):
-        if not isinstance(config[f], int) or config[f] <= 0:
-            raise ValueError(f"config.{f}: must be a positive int, got {config[f]!r}")
+        if not isinstance(getattr(config, f), int) or getattr(config, f) <= 0:
+            raise ValueError(f"config.{f}: must be a positive int, got {getattr(config, f)!r}")
     if not config.checkpoint:
         raise ValueError("config.checkpoint: no model checkpoint given")
-    datasets = [d.strip() for d in str(config.dataset).split(",") if d.strip()]
+    datasets = list(config.dataset)
     if not datasets:
         raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
     if os.path.isdir(workdir) and os.listdir(workdir):

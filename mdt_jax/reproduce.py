@@ -34,12 +34,11 @@ import time
 
 import numpy as np
 
-import ml_collections
-
 from mdt_jax import checkpoint, envs, evaluate as ev
 from mdt_jax.fileio import cached_json, write_json_atomic
 from mdt_jax.pipelines import merge_stage
-from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_from_config
+from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_run_spec
+from mdt_jax.training import train_run
 
 SETS = ("independent", "common", "pretrained", "large")
 P1_SUBSETS = {"attn,mlp": "attn+mlp", "blocks": "blocks"}
@@ -111,46 +110,34 @@ def check_config(config) -> tuple[list[str], list[int]]:
 
 def _train(config, workdir: str, *, task: str, dataset: str, seed: int, init_seed: int = -1, model=None,
            num_steps=None, init_from: str = "", train=None, init_trunk_from: str = "") -> str:
-    """train_from_config on a copy of `config.train` with the given overrides; returns the model folder."""
-    tc = config.train.copy_and_resolve_references()
-    with tc.unlocked():
-        tc.task, tc.dataset, tc.seed, tc.init_seed, tc.init_from = task, dataset, seed, init_seed, init_from
-        tc.init_trunk_from = init_trunk_from
-        if num_steps is not None:
-            tc.num_steps = num_steps
-        for k, v in (model or {}).items():
-            tc.model[k] = v
-        for k, v in (train or {}).items():
-            tc.train[k] = v
+    """`training.train_run` of `config.train` (typed once) with these fields set; the model folder."""
     if os.path.exists(os.path.join(workdir, "model", checkpoint.META_FILE)):
         return os.path.join(workdir, "model")
+    spec = train_run_spec(config.train, task=tuple(split_list(task)), dataset=tuple(split_list(dataset)), seed=seed,
+                          init_seed=init_seed, init_from=init_from, init_trunk_from=init_trunk_from, model=model,
+                          train=train, **({} if num_steps is None else {"num_steps": num_steps}))
     _log(f"train {os.path.basename(workdir)}")
-    return train_from_config(tc, workdir)
+    return train_run(spec, workdir)
 
 
 def _fisher(config, workdir: str, model: str, dataset: str, seed: int, spec_info: bool = False) -> str:
-    from mdt_jax.fisher import META_FILE, fisher_from_config
+    from mdt_jax.fisher import META_FILE, FisherRun, fisher_run
 
     if not os.path.exists(os.path.join(workdir, META_FILE)):
         _log(f"fisher {os.path.basename(workdir)}")
-        fc = config.fisher.copy_and_resolve_references()
-        with fc.unlocked():
-            fc.checkpoint, fc.dataset, fc.seed, fc.spec_info = model, dataset, seed, spec_info
-        fisher_from_config(fc, workdir)
+        fields = config_dict(config.fisher) | dict(checkpoint=model, dataset=(dataset,), seed=seed, spec_info=spec_info)
+        fisher_run(FisherRun(**fields), workdir)
     return workdir
 
 
 def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
-    """RegMean's input Grams of a model on its own data (configs/gram.py; the Fisher's batch settings)."""
-    from configs import gram as gram_cfg
-    from mdt_jax.regmean import gram_from_config
+    """RegMean's input Grams of a model on its own data (the Fisher's batch settings)."""
+    from mdt_jax.regmean import GramRun, gram_run
 
     if not os.path.exists(os.path.join(workdir, "grams.json")):
         _log(f"gram {os.path.basename(workdir)}")
-        gc = gram_cfg.get_config()
-        gc.checkpoint, gc.dataset, gc.seed = model, dataset, seed
-        gc.num_batches, gc.batch_size = config.fisher.num_batches, config.fisher.batch_size
-        gram_from_config(gc, workdir)
+        gram_run(GramRun(checkpoint=model, dataset=(dataset,), seed=seed, num_batches=config.fisher.num_batches,
+                         batch_size=config.fisher.batch_size), workdir)
     return workdir
 
 

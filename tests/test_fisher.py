@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mdt_jax import checkpoint, fisher as F, subsets
+from mdt_jax import checkpoint, fisher as F, run, subsets
 from mdt_jax.data import sample_batch, save_d4rl_hdf5, segment_data, stack_segment_data
 from mdt_jax.models import DTConfig, apply, init_params
 from mdt_jax.train import action_loss
@@ -276,7 +276,7 @@ def test_cli_multi_task_chunked_sums_equal_one_pass(tmp_path):
                                    ("spec_2", ft, paths_[1], True, 2)):
         c = fisher_config.get_config()
         c.checkpoint, c.dataset, c.spec_info, c.num_batches, c.batch_size, c.chunk_batches = ck, ds, spec, 5, 8, cb
-        F.fisher_from_config(c, str(tmp_path / name))
+        run.fisher_from_config(c, str(tmp_path / name))
         runs[name] = F.load_fisher(tmp_path / name)[0]
         assert not (tmp_path / f"{name}.partial").exists()
     for a, b in (("all_2", "all_9"),):

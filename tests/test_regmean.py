@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdt_jax import checkpoint, merge as M, pipelines as P, regmean as R, subsets
+from mdt_jax import checkpoint, merge as M, pipelines as P, regmean as R, run, subsets
 from mdt_jax.data import gather_segments, pad_to, sample_batch, save_d4rl_hdf5, segment_data, stack_segment_data
 from mdt_jax.models import DTConfig, init_params
 from synth import make_dataset
@@ -324,7 +324,7 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     assert "Grams of 4 trunk Linears over 3 batches" in r.stdout
     c = gram_config.get_config()  # the entry launch.gram calls, in-process for the second model
     c.checkpoint, c.dataset, c.num_batches, c.batch_size = models[1], str(tmp_path / "hopper.hdf5"), 3, 8
-    R.gram_from_config(c, gdirs[1])
+    run.gram_from_config(c, gdirs[1])
     # the CLI normalised states with the checkpoint's own stats: recomputing here gives the same Grams
     model = checkpoint.load(models[0])
     cfg, params = model.cfg, model.params

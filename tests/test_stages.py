@@ -60,3 +60,26 @@ def test_rows_keep_the_results_schema():
                              "coefficients": {"p": 0.5}}
     assert list(ev.Row("x", {"task": "t"}, checkpoint="c").to_dict()) == ["task", "checkpoint_mode", "model",
                                                                           "checkpoint"]
+
+
+def test_train_fisher_and_gram_runs_record_their_config_files_layout():
+    from configs import fisher as fisher_cfg, gram as gram_cfg, train as train_cfg
+    from mdt_jax.fisher import FisherRun
+    from mdt_jax.regmean import GramRun
+    from mdt_jax.run import train_run_spec
+    from mdt_jax.training import TrainRun
+
+    c = train_cfg.get_config()
+    c.task, c.dataset, c.train.freeze = "hopper,walker2d", "a.hdf5,b.hdf5", "attn,mlp"
+    spec = train_run_spec(c)
+    assert spec.task == ("hopper", "walker2d") and spec.run_config() == config_dict(c)
+    tuned = spec.replace(seed=3, train={"batch_size": 8}, model={"n_layer": 1})
+    assert tuned.train["batch_size"] == 8 and tuned.train["freeze"] == "attn,mlp" and tuned.model["n_layer"] == 1
+    assert spec.train["batch_size"] == 64  # the original is unchanged
+    with pytest.raises(TypeError, match="TrainRun.task"):
+        TrainRun(task="hopper")
+    f = fisher_cfg.get_config()
+    f.checkpoint, f.dataset = "m", "a.hdf5,b.hdf5"
+    assert FisherRun(**(config_dict(f) | {"dataset": ("a.hdf5", "b.hdf5")})).run_config() == config_dict(f)
+    g = gram_cfg.get_config()
+    assert set(config_dict(g)) == {fl.name for fl in dataclasses.fields(GramRun)}
