@@ -202,58 +202,8 @@ def train_behaviour_from_config(config, workdir: str) -> str:
 
 
 def select_behaviour_from_config(config, workdir: str) -> str:
-    """Run configs/select_behaviour.py: pick the expert and medium checkpoints of a behaviour run.
+    """Run configs/select_behaviour.py (`behaviour.select.select_behaviour`)."""
+    from mdt_jax.behaviour.select import select_behaviour
 
-    Every saved actor in WORKDIR/policies is evaluated on `episodes` episodes (deterministic,
-    tanh(mean)); the expert is the best; the medium is the checkpoint whose mean return is
-    closest to `medium_fraction` of the expert's, within [medium_min, medium_max] of it. Both are
-    evaluated again stochastically (how datasets are collected) and saved with their returns, the
-    training command, seed and wall time to `out` (by default the package's committed policies).
-    """
-    from mdt_jax.behaviour import policy as pol
-    from mdt_jax.behaviour.sac import evaluate_policy
-
-    task = config.task
-    task_dims(task)
-    if not 0 < config.medium_min <= config.medium_fraction <= config.medium_max < 1:
-        raise ValueError("config.medium_min <= config.medium_fraction <= config.medium_max must lie in (0, 1)")
-    root = os.path.join(workdir, "policies")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no behaviour policies (run launch.train_behaviour first)")
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    if not steps:
-        raise FileNotFoundError(f"{root}: no step_* checkpoints")
-    out = config.out or os.path.join(POLICIES_DIR, task)
-    if not config.overwrite:
-        for q in ("expert", "medium"):
-            if os.path.exists(os.path.join(out, q)):
-                raise FileExistsError(f"{os.path.join(out, q)} exists; pass --config.overwrite=True to replace it")
-    scores = {}
-    for s in steps:
-        cfg, params, meta = pol.load_policy(os.path.join(root, s))
-        if cfg.task != task:
-            raise ValueError(f"{root}/{s}: a policy for {cfg.task!r}, not {task!r}")
-        r = evaluate_policy(task, params, config.episodes, seed=config.seed, std=cfg.std)
-        scores[s] = (float(r.mean()), float(r.std()))
-        print(f"{task} {s}: {scores[s][0]:9.1f} ± {scores[s][1]:7.1f}", flush=True)
-    expert = max(scores, key=lambda s: scores[s][0])
-    best = scores[expert][0]
-    inside = [s for s in scores if config.medium_min * best <= scores[s][0] <= config.medium_max * best]
-    if not inside:
-        raise ValueError(f"{root}: no checkpoint scores within [{config.medium_min}, {config.medium_max}] of the "
-                         f"expert's {best:.1f}; save checkpoints more often")
-    medium = min(inside, key=lambda s: abs(scores[s][0] - config.medium_fraction * best))
-    summary = {}
-    for q, s in (("expert", expert), ("medium", medium)):
-        cfg, params, meta = pol.load_policy(os.path.join(root, s))
-        stoch = evaluate_policy(task, params, config.episodes, seed=config.seed, deterministic=False, std=cfg.std)
-        sel = {"checkpoint": s, "episodes": int(config.episodes), "eval_seed": int(config.seed),
-               "return_mean": scores[s][0], "return_std": scores[s][1],
-               "stochastic_return_mean": float(stoch.mean()), "stochastic_return_std": float(stoch.std()),
-               "fraction_of_expert": scores[s][0] / best}
-        pol.save_policy(os.path.join(out, q), params, cfg, meta | {"quality": q, "selection": sel},
-                        overwrite=bool(config.overwrite))
-        summary[q] = sel | {"env_steps": meta.get("env_steps"), "wall_s": meta.get("wall_s"),
-                            "seed": meta.get("seed"), "command": meta.get("command")}
-    write_json_atomic(os.path.join(out, "selection.json"), {"task": task, "scores": scores, **summary})
-    return json.dumps(summary, indent=1)
+    fields = ("episodes", "seed", "medium_fraction", "medium_min", "medium_max", "out", "overwrite")
+    return json.dumps(select_behaviour(config.task, workdir, **{f: config[f] for f in fields}), indent=1)

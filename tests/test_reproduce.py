@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from mdt_jax import checkpoint, reproduce as R
+from mdt_jax import checkpoint, reproduce as R, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_FIELDS = {"pipeline", "model", "method", "task", "return_mean", "return_std", "normalized", "episodes", "seeds"}
@@ -76,7 +76,7 @@ def test_results_schema_tables_and_figures(tiny_run):
     assert res["estimates"]["methods"] and all("iqm" in m["all"] for m in res["estimates"]["methods"].values())
     assert {r.get("subset") for r in rows if r["pipeline"] == "p1"} == {"attn+mlp", "blocks"}
     # every (model, method, task) appears once, and every model on every task
-    keys = [R._key(r) for r in rows]
+    keys = [results.row_key(r) for r in rows]
     assert len(keys) == len(set(keys))
     assert {f"C{i}" for i in range(1, 7)} | {"C2_shared_seed", "beyond:emr[mt_finetunes] vs P2 average", "beyond:regmean[dt_common] vs P1 common Fisher"} <= set(res["claims"])
     for c in res["claims"].values():
