@@ -141,24 +141,20 @@ def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
 
 
 def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_seed: int) -> list[dict]:
-    """launch.search (configs/search.py) with `config.search` over it: the best candidate's rows."""
-    from configs import search as search_cfg
-    from mdt_jax.search import search_from_config
+    """`search.search_run` (configs/search.py's defaults) with `config.search` over it: the best
+    candidate's rows."""
+    from mdt_jax.search import SearchEval, SearchRun, search_run
 
     path = os.path.join(workdir, "search.json")
     if not os.path.exists(path):
         _log(f"search {os.path.basename(workdir)}")
-        c = search_cfg.get_config()
-        c.method, c.base, c.checkpoints, c.seed = "lerp", mt, ",".join(fts), seed
-        c.selection_seed, c.report_seed = str(select_seed), str(seed)
-        for k, v in config_dict(config.search).items():
-            if k == "episodes":
-                c.eval.episodes = v
-            else:
-                c[k] = v
-        c.eval.report_episodes, c.eval.max_steps = config.eval.episodes, config.eval.max_steps
-        c.eval.executor = config.eval.executor
-        search_from_config(c, workdir)
+        over = config_dict(config.search)
+        ev_fields = {"episodes": over.pop("episodes")} if "episodes" in over else {}
+        fields = {"method": "lerp", "base": mt, "checkpoints": tuple(fts), "seed": seed,
+                  "selection_seed": str(select_seed), "report_seed": str(seed)} | over
+        search_run(SearchRun(**fields, eval=SearchEval(report_episodes=config.eval.episodes,
+                                                        max_steps=config.eval.max_steps,
+                                                        executor=config.eval.executor, **ev_fields)), workdir)
     with open(path) as f:
         rows = json.load(f)["rows"]
     # the chosen coefficients differ per seed: keep them aside so the seeds' rows pool

@@ -350,3 +350,12 @@ def write_figures(rows: list[dict], tasks, workdir: str, estimates: dict | None 
                                        reps=BOOTSTRAP["reps"], xlabel="p (multi-task DT -> P2 average)",
                                        overwrite=True))
     return paths
+
+
+def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "return_std", "return_over_target",
+                                          "normalized", "length_mean")) -> str:
+    """A Markdown table of result rows."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ from mdt_jax.behaviour.datasets import (POLICIES_DIR, QUALITIES, behaviour_polic
                                        collect_dataset, resolve_dataset)
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.train import run_config_guard  # noqa: F401  (re-exported)
+from mdt_jax.results import results_table  # noqa: F401  (re-exported)
 from mdt_jax.training import (TrainRun, model_config, task_dims, train_config, train_run,  # noqa: F401
                               trunk_from_checkpoint)
 
@@ -49,20 +50,29 @@ def fisher_from_config(config, workdir: str) -> str:
     return fisher_run(FisherRun(**(config_dict(config) | {"dataset": tuple(split_list(config.dataset))})), workdir)
 
 
+def search_from_config(config, workdir: str) -> str:
+    """Run configs/search.py (`search.search_run`)."""
+    from mdt_jax.search import SearchEval, SearchRun, search_run
+
+    d = config_dict(config)
+    d |= {"checkpoints": tuple(split_list(d["checkpoints"])), "fishers": tuple(split_list(d["fishers"])),
+          "eval": SearchEval(**d["eval"])}
+    return search_run(SearchRun(**d), workdir)
+
+
+def reference_returns_from_config(config, workdir: str) -> str:
+    """Run configs/reference_returns.py (`behaviour.reference.write_reference_returns`)."""
+    from mdt_jax.behaviour.reference import write_reference_returns
+
+    return write_reference_returns(workdir, split_list(config.tasks), episodes=config.episodes, seed=config.seed,
+                                   max_steps=config.max_steps, overwrite=bool(config.overwrite))
+
+
 def gram_from_config(config, workdir: str) -> str:
     """Run configs/gram.py (`regmean.gram_run`)."""
     from mdt_jax.regmean import GramRun, gram_run
 
     return gram_run(GramRun(**(config_dict(config) | {"dataset": tuple(split_list(config.dataset))})), workdir)
-
-
-def results_table(rows: list[dict], keys=("task", "episodes", "return_mean", "return_std", "return_over_target",
-                                          "normalized", "length_mean")) -> str:
-    """A Markdown table of result rows."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def evaluate_from_config(config, workdir: str) -> str:

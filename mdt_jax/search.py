@@ -47,7 +47,7 @@ rerun with the same arguments continues from its last finished generation and en
 an uninterrupted one does. `budget_episodes` caps the episodes spent.
 
 `run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.evaluate.evaluate_model`'s
-out); `search_from_config` is the CLI's (configs/search.py).
+out); `search_run` takes a typed `SearchRun` (configs/search.py's fields; `run.search_from_config` is the CLI's adapter).
 """
 from __future__ import annotations
 
@@ -585,11 +585,58 @@ class SearchRun(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def search_from_config(config, workdir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class SearchEval:
+    episodes: int = 4           # per candidate, task and selection seed
+    report_episodes: int = 10   # per task and report seed, for the best and the baseline
+    max_steps: int = 1000
+    executor: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRun:
+    """One search (configs/search.py's fields, typed; see that file for each one's meaning)."""
+
+    checkpoints: tuple[str, ...] = ()
+    base: str = ""
+    fishers: tuple[str, ...] = ()
+    method: str = "task_arithmetic"
+    merge: str = "average"
+    subset: str = ""
+    groups: str = "blocks"
+    p0: float = 0.5
+    lam0: float = 0.0
+    k: float = 0.2
+    dare_p: float = 0.3
+    floor: float | None = None
+    normalize_trace: bool = True
+    popsize: int = 8
+    generations: int = 10
+    sigma: float = 0.5
+    seed: int = 0
+    selection_seed: str = "1"
+    report_seed: str = "2"
+    budget_episodes: int = 0
+    eval: SearchEval = SearchEval()
+
+    def __post_init__(self):
+        for f in ("checkpoints", "fishers"):
+            if isinstance(getattr(self, f), str):
+                raise TypeError(f"SearchRun.{f}: a tuple of folders, not a string")
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        if isinstance(self.eval, dict):
+            object.__setattr__(self, "eval", SearchEval(**self.eval))
+
+    def run_config(self) -> dict:
+        """This search in configs/search.py's layout, as the workdir records it."""
+        return dataclasses.asdict(self) | {"checkpoints": ",".join(self.checkpoints), "fishers": ",".join(self.fishers)}
+
+
+def search_run(config: SearchRun, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
     from mdt_jax import checkpoint, envs, evaluate as ev
     from mdt_jax.fisher import load_fishers
-    from mdt_jax.run import config_dict, results_table, split_list
+    from mdt_jax.results import results_table
     from mdt_jax.train import run_config_guard
 
     if config.method not in METHODS:
@@ -604,12 +651,12 @@ def search_from_config(config, workdir: str) -> str:
     except SearchError as e:
         raise SearchError(f"config.{e}") from None
     for name in ("popsize", "generations"):
-        _int(f"config.{name}", config[name], 2 if name == "popsize" else 1)
+        _int(f"config.{name}", getattr(config, name), 2 if name == "popsize" else 1)
     for name in ("episodes", "report_episodes", "max_steps"):
-        _int(f"config.eval.{name}", config.eval[name], 1)
+        _int(f"config.eval.{name}", getattr(config.eval, name), 1)
     if not (isinstance(config.sigma, (int, float)) and 0 < config.sigma < math.inf):
         raise SearchError(f"config.sigma: must be a finite number > 0, got {config.sigma!r}")
-    paths = split_list(config.checkpoints)
+    paths = list(config.checkpoints)
     if len(paths) < 2:
         raise ValueError(f"config.checkpoints: need at least 2 finetunes to merge, got {len(paths)}")
     metas = [checkpoint.read_meta(p) for p in paths]
@@ -631,7 +678,7 @@ def search_from_config(config, workdir: str) -> str:
     needs_base = config.method != "fisher"
     if needs_base and not config.base:
         raise ValueError(f"config.base: method {config.method!r} needs the multi-task model before finetuning")
-    fpaths = split_list(config.fishers)
+    fpaths = list(config.fishers)
     if (config.method == "fisher" or config.merge == "fisher") and len(fpaths) != len(paths):
         raise ValueError(f"config.fishers: need one Fisher per checkpoint ({len(paths)}), got {len(fpaths)}")
     if config.merge not in ("average", "fisher"):
@@ -658,7 +705,7 @@ def search_from_config(config, workdir: str) -> str:
     merged = P.p2_merge(cfg, finetuned, config.merge, fishers, subset=subset) if config.method == "lerp" else None
     space_kw = dict(p0=config.p0, lam0=config.lam0 or None, k=config.k, dare_p=config.dare_p,
                     dare_seed=config.seed, floor=config.floor, normalize_trace=config.normalize_trace)
-    run_config_guard(workdir, config_dict(config))  # a killed run resumes; a different one is refused
+    run_config_guard(workdir, config.run_config())  # a killed run resumes; a different one is refused
     rows, result, space, best = run_search(
         cfg, finetuned, stats, method=config.method, workdir=workdir, pre=pre, merged=merged, fishers=fishers,
         subset=subset, groups=config.groups, popsize=config.popsize, generations=config.generations,

@@ -68,3 +68,31 @@ def test_the_checker_sees_a_private_import(tmp_path):
     finally:
         bad.unlink()
     assert len(found) == 2, found
+
+
+ADAPTERS = {"mdt_jax/run.py", "mdt_jax/reproduce.py"}  # the config-reading layer: run's adapters and the study
+
+
+def test_only_the_adapters_read_configdicts():
+    found = []
+    for p in sorted((ROOT / "mdt_jax").rglob("*.py")):
+        rel = str(p.relative_to(ROOT))
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(n and n.split(".")[0] == "ml_collections" for n in names) and rel not in ADAPTERS:
+                    found.append(f"{rel}:{node.lineno} imports ml_collections")
+            if isinstance(node, ast.Attribute) and node.attr in ("unlocked", "copy_and_resolve_references"):
+                found.append(f"{rel}:{node.lineno} .{node.attr}: configs are typed once, at the adapter")
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_from_config") and rel != "mdt_jax/run.py":
+                found.append(f"{rel}:{node.lineno} defines {node.name}: adapters live in mdt_jax/run.py")
+    assert not found, "\n".join(found)
+
+
+def test_launchers_import_their_target():
+    for p in sorted((ROOT / "launch").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "config_app":
+                target = node.args[1]
+                assert isinstance(target, ast.Name), f"{p.name}: config_app's target must be an imported function"

@@ -220,6 +220,7 @@ def test_v5_normalized_score_anchors():
 
 
 def test_reference_returns_command_reproduces_the_random_row(tmp_path):
+    from mdt_jax import run
     from mdt_jax.behaviour import reference
 
     # random hoppers fall within ~30 steps, so the committed random row is cheap to re-measure
@@ -229,15 +230,15 @@ def test_reference_returns_command_reproduces_the_random_row(tmp_path):
     assert length.max() < 1000
     assert float(ret.mean()) == pytest.approx(committed["tasks"]["hopper"]["random"]["mean"], rel=1e-9)
     cfg = ml_collections.ConfigDict(dict(tasks="hopper", episodes=100, seed=0, max_steps=3, overwrite=False))
-    table = reference.reference_returns_from_config(cfg, str(tmp_path))
+    table = run.reference_returns_from_config(cfg, str(tmp_path))
     assert "| hopper |" in table
     doc = json.load(open(tmp_path / reference.OUT_FILE))
     assert doc["format"] == "mdt_jax.v5_reference" and set(doc["tasks"]) == {"hopper"}
     assert {k: doc["tasks"]["hopper"]["expert"][k] for k in ("episodes", "seed")} == {"episodes": 100, "seed": 0}
     with pytest.raises(FileExistsError):
-        reference.reference_returns_from_config(cfg, str(tmp_path))
+        run.reference_returns_from_config(cfg, str(tmp_path))
     with pytest.raises(ValueError, match="config.episodes"):
         reference.measure(["hopper"], episodes=99)
     with pytest.raises(ValueError, match="config.tasks"):
-        reference.reference_returns_from_config(ml_collections.ConfigDict(dict(cfg) | {"tasks": "ant"}),
+        run.reference_returns_from_config(ml_collections.ConfigDict(dict(cfg) | {"tasks": "ant"}),
                                                 str(tmp_path / "x"))

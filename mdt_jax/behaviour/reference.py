@@ -106,29 +106,29 @@ def measure(tasks: list[str], *, episodes: int = MIN_EPISODES, seed: int = 0, ma
     return out
 
 
-def reference_returns_from_config(config, workdir: str) -> str:
-    """Run configs/reference_returns.py: measure the v5 reference returns and write
-    WORKDIR/reference_returns.json (refused if it exists, unless `config.overwrite`); returns a table."""
+def write_reference_returns(workdir: str, tasks=(), *, episodes: int = 100, seed: int = 0, max_steps: int = 1000,
+                            overwrite: bool = False) -> str:
+    """Measure the v5 reference returns of `tasks` (default: all) and write
+    WORKDIR/reference_returns.json (refused if it exists, unless `overwrite`); returns a table."""
     from mdt_jax.fileio import write_json_atomic
-    from mdt_jax.run import split_list
 
-    tasks = split_list(config.tasks) or list(envs.TASKS)
+    tasks = list(tasks) or list(envs.TASKS)
     for t in tasks:
         if t not in envs.TASKS:
             raise ValueError(f"config.tasks: unknown task {t!r}; known: {sorted(envs.TASKS)}")
     path = os.path.join(workdir, OUT_FILE)
-    if os.path.exists(path) and not config.overwrite:
-        raise FileExistsError(f"{path} exists; pass --config.overwrite=True to replace it")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite=True to replace it")
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "launch.reference_returns"] + sys.argv[1:])
     t0 = time.perf_counter()
-    measured = measure(tasks, episodes=config.episodes, seed=config.seed, max_steps=config.max_steps,
+    measured = measure(tasks, episodes=episodes, seed=seed, max_steps=max_steps,
                        log=lambda s: print(s, flush=True))
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "command": command,
            "envs": "Gymnasium v5 semantics (mdt_jax.envs.tasks) on the native MuJoCo C executor",
-           "episodes": int(config.episodes), "seed": int(config.seed), "max_steps": int(config.max_steps),
+           "episodes": int(episodes), "seed": int(seed), "max_steps": int(max_steps),
            "normalisation": "v5_normalized_score = 100 * (R - random.mean) / (expert.mean - random.mean)",
            "wall_s": round(time.perf_counter() - t0, 1), "machine": platform.machine(), "tasks": measured}
-    write_json_atomic(path, doc, overwrite=bool(config.overwrite))
+    write_json_atomic(path, doc, overwrite=bool(overwrite))
     lines = ["| task | random | expert (deterministic) | expert (stochastic) | D4RL random | D4RL expert |",
              "|---|---|---|---|---|---|"]
     for t, row in measured.items():
