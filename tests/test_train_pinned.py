@@ -13,6 +13,7 @@ change to the math moves them, re-record them in the same commit and say why.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mdt_jax import train as T
 from mdt_jax.data import sample_batch, segment_data
@@ -200,3 +201,20 @@ if __name__ == "__main__":
     for name, v in (("SINGLE_FINAL", final), ("SINGLE_TRACE", trace), ("SWEEP_FINAL", finals),
                     ("SWEEP_TRACE", strace)):
         print(f"{name} = {pprint.pformat(v, width=110, compact=True)}")
+
+
+def test_frozen_run_resumes_bit_exact_and_a_foreign_checkpoint_is_refused(tmp_path):
+    """The partitioned optimizer state (frozen group, masked decay) checkpoints and resumes exactly;
+    a checkpoint whose state tree differs (here: written without freezing) is a clear error."""
+    data = _data()
+    run = lambda w, **kw: T.fit(CFG, TCFG, data, num_steps=10, workdir=str(w), steps_per_call=5,
+                                checkpoint_every=5, progress=False, **kw)
+    full = run(tmp_path / "full")
+    run(tmp_path / "killed", stop_after=5)
+    resumed = run(tmp_path / "killed")
+    for x, y in zip(jax.tree.leaves((full.params, full.opt_state)), jax.tree.leaves((resumed.params, resumed.opt_state))):
+        np.testing.assert_array_equal(x, y)
+    plain = T.TrainConfig(batch_size=8, warmup_steps=50)
+    T.fit(CFG, plain, data, num_steps=5, workdir=str(tmp_path / "other"), steps_per_call=5, progress=False)
+    with pytest.raises(ValueError, match="does not fit the TrainState"):
+        run(tmp_path / "other")
