@@ -8,7 +8,9 @@ decay. Warmup is longer than the run, so every step sees a different learning ra
 
 The constants were printed by ``python tests/test_train_pinned.py`` from the code before the
 optimiser was moved into one optax chain, and are compared exactly (CPU, float32). If a deliberate
-change to the math moves them, re-record them in the same commit and say why.
+change to the math moves them, re-record them in the same commit and say why. A third test
+checks that the same frozen/no-decay run resumes from a checkpoint bit for bit and that `fit`
+refuses a checkpoint whose state tree is not the one it builds.
 """
 import jax
 import jax.numpy as jnp
