@@ -1,16 +1,25 @@
 """Training: a pure `train_step`, N steps fused in one `lax.scan`, vmappable over seeds/hparams/tasks.
 
-The optimizer is the reference's: AdamW (torch semantics, decay on every trainable tensor except
-those matched by `TrainConfig.no_decay`),
-a linear warmup ``lr * min((step + 1) / warmup, 1)``, and global-norm clipping with torch's
-``max_norm / (norm + 1e-6)`` rule. Hyperparameters that a sweep varies (learning rate, weight
-decay, init_reg) live as arrays in `TrainState.hparams`, so `jax.vmap` over a stacked state
-trains several models in one call. Frozen params (path patterns, see `mdt_jax.subsets`) get no
-gradient, no decay and do not count towards the clipping norm, as with torch's
-``requires_grad=False``.
+The optimizer is the reference's, built once per `TrainConfig` by `optimizer(tcfg)` as one optax
+chain: global-norm clipping with torch's rule ``g * min(1, max_norm / (norm + 1e-6))``
+(`torch.nn.utils.clip_grad_norm_`), Adam, decoupled weight decay on every trainable tensor except
+those matched by `TrainConfig.no_decay` (AdamW, torch semantics), and the learning rate with a
+linear warmup ``lr * min((count + 1) / warmup, 1)`` (`lr_schedule`; ``count`` is the number of
+updates applied before this one). Frozen params (path patterns, see `mdt_jax.subsets`) are a
+separate `optax.partition` group that gets zero updates, so they get no decay and their gradients
+do not count towards the clipping norm, as with torch's ``requires_grad=False``.
+
+The learning rate and weight decay are `optax.inject_hyperparams`, so they are arrays in the
+optimizer state (``opt_state.hyperparams``: the learning rate of the latest update and the weight
+decay; the warmup's peak is ``opt_state.hyperparams_states['learning_rate'].peak``), and init_reg
+is an array in `TrainState.hparams`. A sweep sets them per model in `init_state`, and `jax.vmap`
+over the stacked states trains several models in one call. The logged ``lr`` and ``grad_norm``
+are read from the optimizer state, so they are the values the update used.
 
 The RNG of step ``s`` is ``fold_in(state.rng, s)``, so a run resumed from any checkpoint
-reproduces the uninterrupted run bit for bit.
+reproduces the uninterrupted run bit for bit. A checkpoint whose state tree differs from the one
+this code builds (e.g. one written before the optimizer became one chain) is refused by `fit`
+with a ValueError, not restored into the wrong slots.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -72,7 +81,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array           # raw uint32 key data (checkpointable)
-    hparams: dict            # {'learning_rate','weight_decay','init_reg'}: float32 scalars
+    hparams: dict            # {'init_reg': float32 scalar}; learning rate and weight decay: opt_state
     anchor: dict             # {flat path: value at init} of the init_reg tensors; {} when off
 
 
@@ -80,24 +89,116 @@ def _key(raw):
     return jax.random.wrap_key_data(raw)
 
 
-def _optimizer(tcfg: TrainConfig, hp: dict, step) -> optax.GradientTransformation:
-    lr = hp["learning_rate"] * jnp.minimum((step + 1.0) / tcfg.warmup_steps, 1.0)
-    decay = None
-    if tcfg.no_decay:
-        decay = lambda params: jax.tree.map(lambda x: not x, subsets.select(params, tcfg.no_decay))
-    return optax.chain(optax.scale_by_adam(tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps),
-                       optax.add_decayed_weights(hp["weight_decay"], mask=decay), optax.scale(-lr))
+class WarmupState(NamedTuple):
+    count: jax.Array   # int32: updates applied
+    peak: jax.Array    # float32: the learning rate after warmup (per model in a sweep)
+
+
+class LinearWarmup:
+    """The reference's warmup as an optax stateful schedule: ``peak * min((count + 1) / warmup, 1)``.
+
+    The peak lives in the schedule's state (not in a closure), so one optimizer serves every model
+    of a vmapped sweep, each with its own peak.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int):
+        self.peak, self.warmup_steps = peak, warmup_steps
+
+    def init(self) -> WarmupState:
+        return WarmupState(count=jnp.zeros((), jnp.int32), peak=jnp.asarray(self.peak, jnp.float32))
+
+    def update(self, state: WarmupState, **extra_args) -> WarmupState:
+        return state._replace(count=optax.safe_increment(state.count))
+
+    def __call__(self, state: WarmupState, **extra_args) -> jax.Array:
+        return state.peak * jnp.minimum((state.count + 1.0) / self.warmup_steps, 1.0)
+
+
+def lr_schedule(tcfg: TrainConfig) -> LinearWarmup:
+    """The learning-rate schedule of `optimizer(tcfg)`: linear warmup to `tcfg.learning_rate`."""
+    return LinearWarmup(tcfg.learning_rate, tcfg.warmup_steps)
+
+
+class ClipState(NamedTuple):
+    grad_norm: jax.Array   # global norm of the latest update's (trainable) gradients, before clipping
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch's ``clip_grad_norm_``: ``g * min(1, max_norm / (||g||_2 + 1e-6))`` over the tree it sees.
+
+    (optax's `clip_by_global_norm` scales by ``max_norm / norm`` without the 1e-6.) The norm is kept
+    in the state: it is the ``grad_norm`` metric.
+    """
+
+    def init(params):
+        del params
+        return ClipState(jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params, state
+        norm = jnp.asarray(optax.tree.norm(updates), jnp.float32)
+        scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: g * scale, updates), ClipState(norm)
+
+    return optax.GradientTransformation(init, update)
 
 
 def trainable_mask(params, tcfg: TrainConfig):
+    """A bool tree: False on the params matched by `tcfg.freeze`."""
     if not tcfg.freeze:
         return jax.tree.map(lambda _: True, params)
     frozen = subsets.select(params, tcfg.freeze)
     return jax.tree.map(lambda f: not f, frozen)
 
 
+def optimizer(tcfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """The training optimizer: clip (trainable grads) -> Adam -> decay (masked) -> -lr; frozen -> 0.
+
+    Built once; ``update`` needs `params` (weight decay). Hyperparams: ``learning_rate`` (scheduled
+    by `lr_schedule`) and ``weight_decay``, set per model by `init_state`.
+    """
+
+    def labels(params):
+        if tcfg.no_decay:
+            subsets.select(params, tcfg.no_decay)  # a pattern matching nothing is a ValueError
+        return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, tcfg))
+
+    def decay_mask(params):  # `params` holds the trainable leaves only (frozen: MaskedNode)
+        return jax.tree.map(lambda x: not x, subsets.select(params, tcfg.no_decay, strict=False))
+
+    def chain(learning_rate, weight_decay):
+        train = optax.chain(clip_by_global_norm_torch(tcfg.grad_clip),
+                            optax.scale_by_adam(tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps),
+                            optax.add_decayed_weights(weight_decay, mask=decay_mask if tcfg.no_decay else None),
+                            optax.scale(-learning_rate))
+        return optax.partition({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+    # float32 hyperparams whatever the params' dtype (inject_hyperparams would follow the params')
+    return optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(
+        learning_rate=lr_schedule(tcfg), weight_decay=tcfg.weight_decay)
+
+
+def _with_hparams(tcfg: TrainConfig, opt_state, learning_rate: jax.Array, weight_decay: jax.Array):
+    """`opt_state` with this model's peak learning rate and weight decay."""
+    sched = opt_state.hyperparams_states["learning_rate"]._replace(peak=learning_rate)
+    return opt_state._replace(
+        hyperparams={**opt_state.hyperparams, "learning_rate": lr_schedule(tcfg)(sched), "weight_decay": weight_decay},
+        hyperparams_states={**opt_state.hyperparams_states, "learning_rate": sched})
+
+
+def learning_rate(opt_state) -> jax.Array:
+    """The learning rate of the latest update (at init: of the first)."""
+    return opt_state.hyperparams["learning_rate"]
+
+
+def grad_norm(opt_state) -> jax.Array:
+    """The latest update's global norm of the trainable gradients, before clipping (0 at init)."""
+    return optax.tree_utils.tree_get(opt_state, "grad_norm")
+
+
 def init_state(cfg: DTConfig, tcfg: TrainConfig, rng: jax.Array, params=None, **hparams) -> TrainState:
-    """A fresh TrainState. `params` defaults to a new init from `rng`; `hparams` override the config.
+    """A fresh TrainState. `params` defaults to a new init from `rng`; `hparams` (learning_rate,
+    weight_decay, init_reg) override the config's for this model.
 
     Vmappable over `rng`/`params`/hparams: ``jax.vmap(lambda r: init_state(cfg, tcfg, r))(keys)``.
     """
@@ -112,9 +213,9 @@ def init_state(cfg: DTConfig, tcfg: TrainConfig, rng: jax.Array, params=None, **
     if tcfg.init_reg > 0 or "init_reg" in hparams:
         reg = subsets.select(params, tcfg.init_reg_on)
         anchor = {k: jnp.copy(v) for k, v in _flat(params).items() if _flat(reg)[k]}
-    opt_state = _optimizer(tcfg, hp, 0).init(params)
+    opt_state = _with_hparams(tcfg, optimizer(tcfg).init(params), hp["learning_rate"], hp["weight_decay"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      rng=jax.random.key_data(run_key), hparams=hp, anchor=anchor)
+                      rng=jax.random.key_data(run_key), hparams={"init_reg": hp["init_reg"]}, anchor=anchor)
 
 
 def init_params_for_seed(cfg: DTConfig, seed: int) -> dict:
@@ -185,11 +286,12 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
     ``aux_loss`` and its metrics under their own names.
     """
 
+    opt = optimizer(tcfg)
+
     def step(state: TrainState, data) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(_key(state.rng), state.step)
         data_key, drop_key = jax.random.split(key)
         batch = sample(data, data_key)
-        train = trainable_mask(state.params, tcfg)
 
         def loss_fn(params):
             act = action_loss(cfg, params, batch, drop_key)
@@ -200,16 +302,10 @@ def make_train_step(cfg: DTConfig, tcfg: TrainConfig, sample: Callable[[Any, jax
             return act + reg + aux, (act, reg, {"aux_loss": aux, **aux_metrics})
 
         (loss, (act, reg, aux_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train)
-        gnorm = optax.tree.norm(grads)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tcfg.grad_clip / (gnorm + 1e-6)), grads)
-        opt = _optimizer(tcfg, state.hparams, state.step)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, train)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "action_mse": act, "init_reg": reg, "grad_norm": gnorm,
-                   "lr": state.hparams["learning_rate"] * jnp.minimum((state.step + 1.0) / tcfg.warmup_steps, 1.0),
-                   **aux_metrics}
+        metrics = {"loss": loss, "action_mse": act, "init_reg": reg, "grad_norm": grad_norm(opt_state),
+                   "lr": learning_rate(opt_state), **aux_metrics}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -294,7 +390,13 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
     latest = mngr.latest_step()
     if latest is not None:
         template = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), jax.eval_shape(init))
-        state = mngr.restore(latest, args=ocp.args.StandardRestore(template))
+        try:
+            state = mngr.restore(latest, args=ocp.args.StandardRestore(template))
+        except ValueError as e:  # orbax: the stored tree (or a leaf's shape) is not the template's
+            raise ValueError(
+                f"checkpoint {latest} in {workdir}/checkpoints does not fit the TrainState this run builds "
+                "(another model/train config, or written before the optimizer became one optax chain); "
+                f"use a new workdir. orbax: {e}") from e
         state = jax.tree.map(jnp.asarray, state)
     else:
         state = init()

@@ -194,14 +194,13 @@ def test_ties_majority_sign_fallback_by_hand():
 
 def test_no_decay_pattern_exempts_the_trunk_and_eps_is_used():
     """The reference's `--custom_transformer_decay`: no weight decay on the GPT-2 trunk."""
-    from mdt_jax.train import TrainConfig, _optimizer
+    from mdt_jax.train import TrainConfig, optimizer
 
     cfg = DTConfig(state_dim=5, act_dim=2, **SMALL)
     params = init_params(cfg, jax.random.key(0))
-    tcfg = TrainConfig(weight_decay=0.5, warmup_steps=1, no_decay=P.P2_FINETUNE["no_decay"],
+    tcfg = TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=1, no_decay=P.P2_FINETUNE["no_decay"],
                        adam_eps=P.P2_FINETUNE["adam_eps"])
-    hp = {"learning_rate": jnp.float32(0.1), "weight_decay": jnp.float32(0.5), "init_reg": jnp.float32(0.0)}
-    opt = _optimizer(tcfg, hp, 0)
+    opt = optimizer(tcfg)
     zero = jax.tree.map(jnp.zeros_like, params)  # zero gradients: Adam's update is 0, decay alone moves params
     updates, _ = opt.update(zero, opt.init(params), params)
     for path, u in flat(updates).items():
@@ -212,8 +211,8 @@ def test_no_decay_pattern_exempts_the_trunk_and_eps_is_used():
             np.testing.assert_allclose(u, -0.1 * 0.5 * p, rtol=1e-6, err_msg=path)
     # eps enters Adam's denominator: a gradient of 1e-6 gives 1e-6 / (1e-6 + eps) after bias correction
     g = jax.tree.map(lambda x: jnp.full_like(x, 1e-6), params)
-    u6, _ = _optimizer(TrainConfig(weight_decay=0.0, warmup_steps=1, adam_eps=1e-6), hp, 0).update(
-        g, opt.init(params), params)
+    opt6 = optimizer(TrainConfig(learning_rate=0.1, weight_decay=0.0, warmup_steps=1, adam_eps=1e-6))
+    u6, _ = opt6.update(g, opt6.init(params), params)
     np.testing.assert_allclose(flat(u6)["ln_f/bias"], -0.1 * 0.5, rtol=1e-4)
 
 
