@@ -184,3 +184,21 @@ def cached_json(path: str, fn: Callable[[], Any]) -> Any:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json_atomic(path, out)
     return out
+
+
+def run_config_guard(workdir: str, run_config: dict) -> None:
+    """Refuse to reuse a workdir that holds a different run's config; record ours otherwise."""
+    path = os.path.join(workdir, "run_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != run_config:
+            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
+            raise FileExistsError(f"workdir {workdir} holds a different run (differs in {diff}); "
+                                  "use a new --workdir")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(run_config, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

@@ -3,7 +3,7 @@ an exact per-example one, each one jitted `lax.scan` over batches, vmappable ove
 
 **faithful** (the reference's `compute_fisher`, decision-transformer/dt_utils.py): for each batch
 b, with dropout on (train mode), take the gradient of the batch-mean action MSE L_b (mean over the
-unmasked steps x action dims, `mdt_jax.train.action_loss`) and square it; sum over batches; divide
+unmasked steps x action dims, `mdt_jax.losses.action_loss`) and square it; sum over batches; divide
 by N, the number of unmasked timesteps counted over *all* batches together (the reference's
 `n_samples += action_target.shape[0]`: (segment, step) pairs with mask 1, not times act_dim)::
 
@@ -62,7 +62,8 @@ from mdt_jax import sharding, subsets
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
 from mdt_jax.models.dt import DTConfig, Linear
-from mdt_jax.train import action_loss, run_config_guard
+from mdt_jax.fileio import run_config_guard
+from mdt_jax.losses import action_loss
 
 METHODS = ("faithful", "exact")
 DEFAULT_SUBSET = "blocks"

@@ -271,7 +271,7 @@ def merge_stage(spec: MergeSpec, workdir: str) -> MergeResult:
     resumes: each evaluation is cached in `workdir/stages`, each checkpoint written once; a
     different spec on the same workdir is refused."""
     from mdt_jax.fisher import load_fishers
-    from mdt_jax.train import run_config_guard
+    from mdt_jax.fileio import run_config_guard
 
     if os.path.exists(os.path.join(workdir, "merge.json")):
         raise FileExistsError(f"{workdir} already holds a merge (merge.json); use a new --workdir")

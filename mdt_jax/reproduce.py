@@ -344,7 +344,7 @@ def reproduce(config, workdir: str) -> str:
     return the Markdown table."""
     import jax
 
-    from mdt_jax.run import run_config_guard
+    from mdt_jax.fileio import run_config_guard
 
     tasks, seeds = check_config(config)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from mdt_jax import checkpoint
 from mdt_jax.behaviour.datasets import (POLICIES_DIR, QUALITIES, behaviour_policy_dir,  # noqa: F401
                                        collect_dataset, resolve_dataset)
 from mdt_jax.fileio import write_json_atomic
-from mdt_jax.train import run_config_guard  # noqa: F401  (re-exported)
+from mdt_jax.fileio import run_config_guard  # noqa: F401  (re-exported)
 from mdt_jax.results import results_table  # noqa: F401  (re-exported)
 from mdt_jax.training import (TrainRun, model_config, task_dims, train_config, train_run,  # noqa: F401
                               trunk_from_checkpoint)

@@ -637,7 +637,7 @@ def search_run(config: SearchRun, workdir: str) -> str:
     from mdt_jax import checkpoint, envs, evaluate as ev
     from mdt_jax.fisher import load_fishers
     from mdt_jax.results import results_table
-    from mdt_jax.train import run_config_guard
+    from mdt_jax.fileio import run_config_guard
 
     if config.method not in METHODS:
         raise ValueError(f"config.method: unknown {config.method!r}; choose from {METHODS}")

@@ -24,7 +24,6 @@ with a ValueError, not restored into the wrong slots.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -36,7 +35,9 @@ import numpy as np
 import optax
 
 from mdt_jax import sharding, subsets
-from mdt_jax.models.dt import DTConfig, apply, init_params
+from mdt_jax.fileio import run_config_guard  # noqa: F401  (re-exported)
+from mdt_jax.losses import act_dims, action_loss, init_reg  # noqa: F401  (action_loss re-exported)
+from mdt_jax.models.dt import DTConfig, init_params
 
 HPARAMS = ("learning_rate", "weight_decay", "init_reg")
 
@@ -225,52 +226,14 @@ def init_params_for_seed(cfg: DTConfig, seed: int) -> dict:
     return init_params(cfg, jax.random.split(jax.random.key(seed))[0])
 
 
-def _safe_norm(x):
-    """||x||_2 with gradient 0 (not NaN) at x = 0, like torch's norm backward."""
-    sq = jnp.sum(jnp.square(x))
-    safe = jnp.where(sq > 0, sq, 1.0)
-    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
-
-
-def act_dims(cfg: DTConfig, batch: dict) -> jax.Array:
-    """Per-sample number of real action dims: (B,) for multi-task, else a scalar."""
-    if cfg.multi:
-        return jnp.asarray([t.act_dim for t in cfg.tasks], jnp.int32)[batch["task_id"]]
-    return jnp.asarray(batch.get("act_dim", cfg.act_dim), jnp.int32)
-
-
-def action_loss(cfg: DTConfig, params, batch: dict, rng: jax.Array | None = None) -> jax.Array:
-    """Masked action MSE (reference: mean over unmasked steps x action dims).
-
-    Multi-task: the sum over tasks of each task's own masked mean (the reference's summed
-    per-task losses). `batch['act_dim']` (scalar) masks padded action dims of a single-task model
-    trained on padded data (vmap over tasks).
-    """
-    preds = apply(cfg, params, batch["states"], batch["actions"], batch["rtg"], batch["timesteps"],
-                  batch["mask"], batch.get("task_id"), rng=rng)
-    A = preds.shape[-1]
-    dims = act_dims(cfg, batch)
-    dim_ok = (jnp.arange(A) < jnp.reshape(dims, (-1, 1, 1))).astype(preds.dtype)
-    valid = batch["mask"][..., None].astype(preds.dtype) * dim_ok
-    err = jnp.square(preds - batch["actions"]) * valid
-    if not cfg.multi:
-        return jnp.sum(err) / jnp.maximum(jnp.sum(valid), 1.0)
-    onehot = jax.nn.one_hot(batch["task_id"], len(cfg.tasks), dtype=preds.dtype)
-    sums = jnp.einsum("bka,bt->t", err, onehot)
-    counts = jnp.einsum("bka,bt->t", valid * jnp.ones_like(err), onehot)
-    return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0))
-
-
 def _flat(tree) -> dict:
     """{'block_0.attn.c_attn.kernel': leaf}: flat keys orbax can store."""
     return {subsets.path_str(p).replace("/", "."): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def init_reg_loss(state: TrainState, params) -> jax.Array:
-    """c * sum over the anchored tensors of ||theta - theta_init||_2 (unsquared)."""
-    flat = _flat(params)
-    terms = [_safe_norm(flat[k] - a) for k, a in state.anchor.items()]
-    return state.hparams["init_reg"] * sum(terms) if terms else jnp.zeros(())
+    """c * sum over the anchored tensors of ||theta - theta_init||_2 (unsquared; `losses.init_reg`)."""
+    return init_reg(state.anchor, state.hparams["init_reg"], _flat(params))
 
 
 AuxLoss = Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -438,21 +401,3 @@ def fit(cfg: DTConfig, tcfg: TrainConfig, data, *, num_steps: int, workdir: str,
             writer.close()
         mngr.close()
     return state
-
-
-def run_config_guard(workdir: str, run_config: dict) -> None:
-    """Refuse to reuse a workdir that holds a different run's config; record ours otherwise."""
-    path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != run_config:
-            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-            raise FileExistsError(f"workdir {workdir} holds a different run (differs in {diff}); "
-                                  "use a new --workdir")
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(run_config, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)

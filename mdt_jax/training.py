@@ -21,7 +21,8 @@ from mdt_jax import checkpoint, sharding
 from mdt_jax.data import Normalizer, load_task_data
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
-from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, run_config_guard
+from mdt_jax.fileio import run_config_guard
+from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed
 
 
 def model_config(model_cfg: Mapping, state_dim: int, act_dim: int, tasks=()) -> DTConfig:
