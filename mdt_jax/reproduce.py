@@ -143,7 +143,7 @@ def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
 def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_seed: int) -> list[dict]:
     """`search.search_run` (configs/search.py's defaults) with `config.search` over it: the best
     candidate's rows."""
-    from mdt_jax.search import SearchEval, SearchRun, search_run
+    from mdt_jax.search import SearchEval, SearchSpec, search_run
 
     path = os.path.join(workdir, "search.json")
     if not os.path.exists(path):
@@ -152,7 +152,7 @@ def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_see
         ev_fields = {"episodes": over.pop("episodes")} if "episodes" in over else {}
         fields = {"method": "lerp", "base": mt, "checkpoints": tuple(fts), "seed": seed,
                   "selection_seed": str(select_seed), "report_seed": str(seed)} | over
-        search_run(SearchRun(**fields, eval=SearchEval(report_episodes=config.eval.episodes,
+        search_run(SearchSpec(**fields, eval=SearchEval(report_episodes=config.eval.episodes,
                                                         max_steps=config.eval.max_steps,
                                                         executor=config.eval.executor, **ev_fields)), workdir)
     with open(path) as f:

@@ -52,12 +52,12 @@ def fisher_from_config(config, workdir: str) -> str:
 
 def search_from_config(config, workdir: str) -> str:
     """Run configs/search.py (`search.search_run`)."""
-    from mdt_jax.search import SearchEval, SearchRun, search_run
+    from mdt_jax.search import SearchEval, SearchSpec, search_run
 
     d = config_dict(config)
     d |= {"checkpoints": tuple(split_list(d["checkpoints"])), "fishers": tuple(split_list(d["fishers"])),
           "eval": SearchEval(**d["eval"])}
-    return search_run(SearchRun(**d), workdir)
+    return search_run(SearchSpec(**d), workdir)
 
 
 def reference_returns_from_config(config, workdir: str) -> str:

@@ -47,7 +47,7 @@ rerun with the same arguments continues from its last finished generation and en
 an uninterrupted one does. `budget_episodes` caps the episodes spent.
 
 `run_search` is the pipeline-level entry (P2/P3 inputs in, rows like `mdt_jax.evaluate.evaluate_model`'s
-out); `search_run` takes a typed `SearchRun` (configs/search.py's fields; `run.search_from_config` is the CLI's adapter).
+out); `search_run` takes a typed `SearchSpec` (configs/search.py's fields; `run.search_from_config` is the CLI's adapter).
 """
 from __future__ import annotations
 
@@ -594,7 +594,7 @@ class SearchEval:
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchRun:
+class SearchSpec:
     """One search (configs/search.py's fields, typed; see that file for each one's meaning)."""
 
     checkpoints: tuple[str, ...] = ()
@@ -622,7 +622,7 @@ class SearchRun:
     def __post_init__(self):
         for f in ("checkpoints", "fishers"):
             if isinstance(getattr(self, f), str):
-                raise TypeError(f"SearchRun.{f}: a tuple of folders, not a string")
+                raise TypeError(f"SearchSpec.{f}: a tuple of folders, not a string")
             object.__setattr__(self, f, tuple(getattr(self, f)))
         if isinstance(self.eval, dict):
             object.__setattr__(self, "eval", SearchEval(**self.eval))
@@ -632,7 +632,7 @@ class SearchRun:
         return dataclasses.asdict(self) | {"checkpoints": ",".join(self.checkpoints), "fishers": ",".join(self.fishers)}
 
 
-def search_run(config: SearchRun, workdir: str) -> str:
+def search_run(config: SearchSpec, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
     from mdt_jax import checkpoint, envs, evaluate as ev
     from mdt_jax.fisher import load_fishers

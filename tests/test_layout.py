@@ -96,3 +96,15 @@ def test_launchers_import_their_target():
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "config_app":
                 target = node.args[1]
                 assert isinstance(target, ast.Name), f"{p.name}: config_app's target must be an imported function"
+
+
+def test_no_module_defines_a_top_level_name_twice():
+    found = []
+    for p in _sources():
+        seen = {}
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                if node.name in seen:
+                    found.append(f"{p.relative_to(ROOT)}:{node.lineno} redefines {node.name} (line {seen[node.name]})")
+                seen[node.name] = node.lineno
+    assert not found, "\n".join(found)

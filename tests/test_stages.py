@@ -83,3 +83,15 @@ def test_train_fisher_and_gram_runs_record_their_config_files_layout():
     assert FisherRun(**(config_dict(f) | {"dataset": ("a.hdf5", "b.hdf5")})).run_config() == config_dict(f)
     g = gram_cfg.get_config()
     assert set(config_dict(g)) == {fl.name for fl in dataclasses.fields(GramRun)}
+
+
+def test_search_spec_records_the_config_files_layout():
+    from configs import search as search_cfg
+    from mdt_jax.run import config_dict
+    from mdt_jax.search import SearchEval, SearchSpec
+
+    c = search_cfg.get_config()
+    c.checkpoints, c.fishers = "a,b", "fa,fb"
+    d = config_dict(c)
+    spec = SearchSpec(**(d | {"checkpoints": ("a", "b"), "fishers": ("fa", "fb"), "eval": SearchEval(**d["eval"])}))
+    assert spec.run_config() == d
