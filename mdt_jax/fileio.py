@@ -156,16 +156,28 @@ def read_config_artifact(directory, meta_file: str, fmt: str, version: int, erro
     return cfg, meta.get("metadata") or {}
 
 
-def read_params_dir(directory, error: type[Exception], what: str, shapes, check: Callable[[Any, str], None]):
+def read_params_dir(directory, error: type[Exception], what: str, shapes,
+                    check: Callable[[Any, str], None] | None = None):
     """The orbax pytree in `directory/params`, restored into the layout of `shapes` (a tree of
-    ShapeDtypeStructs); `check(tree, where)` vets the stored layout first and the values after."""
+    ShapeDtypeStructs). The stored layout must match `shapes` path for path, in shape and dtype
+    (`trees.check_shapes`, naming every missing, extra or mis-shaped path) before anything is
+    restored; `check(tree, where)` then vets the stored layout and the restored values."""
     import jax
     import numpy as np
+
+    from mdt_jax import trees
+
+    want = trees.shapes(shapes, dtypes=True)
+
+    def vet(tree, where):
+        trees.check_shapes(tree, want, error=error, prefix=f"{where} do not fit the {what}", dtypes=True)
+        if check is not None:
+            check(tree, where)
 
     pdir = os.path.join(os.fspath(directory), "params")
     if not os.path.isdir(pdir):
         raise error(f"{directory}: params/ is missing (incomplete {what})")
     target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
-    params = orbax_read(pdir, error, what, target=target, check=lambda stored: check(stored, f"arrays stored in {pdir}"))
-    check(params, pdir)
+    params = orbax_read(pdir, error, what, target=target, check=lambda stored: vet(stored, f"arrays stored in {pdir}"))
+    vet(params, pdir)
     return params

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mdt_jax import merge as M
+from mdt_jax import trees
 from mdt_jax.models.dt import DTConfig
 
 P1_SUBSET = "attn,mlp"
@@ -66,7 +67,7 @@ def p1_merge(models: Sequence[dict], method: str = "average", fishers: Sequence[
     out = []
     for p in models:
         own = trunk(p)
-        blocks = jax.tree.map(lambda m, x, y: x if m else y, mask, merged, own)
+        blocks = trees.where(mask, merged, own)
         out.append(p | blocks)
     return out
 
