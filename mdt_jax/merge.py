@@ -222,9 +222,10 @@ def _topk_threshold(tv, mask, k):
     does; for a traced k (a vmapped sweep) as floor(k * n) + 1 in float32, which can differ by one
     where k * n is within float32 rounding of an integer (sweep k in Python to avoid it). Exact,
     without sorting: non-negative float32s order like their int32 bit patterns, so a 31-step
-    bisection on the bits, each step one counting pass, finds the threshold.
+    bisection on the bits, each step one counting pass, finds the threshold. Magnitudes of other
+    dtypes (float16, int) are compared as float32s.
     """
-    bits = [jax.lax.bitcast_convert_type(jnp.abs(t), jnp.int32).reshape(t.shape[0], -1)
+    bits = [jax.lax.bitcast_convert_type(jnp.abs(t).astype(jnp.float32), jnp.int32).reshape(t.shape[0], -1)
             for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m]
     n = sum(b.shape[1] for b in bits)
     if is_concrete(k):
@@ -263,6 +264,8 @@ def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
     tv = task_vectors(base, models)
     mask = subset_mask(base, subset)
     M = num_models(models)
+    if not any(bool(m) for m in jax.tree.leaves(mask)):
+        return base  # nothing to merge, as every other method does with an empty subset
     thr = _topk_threshold(tv, mask, k)
     trimmed = [jnp.where(jnp.abs(t) >= thr.reshape((M,) + (1,) * (t.ndim - 1)), t, 0.0) if m else None
                for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask))]
