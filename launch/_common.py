@@ -45,9 +45,16 @@ def run_or_exit(fn, *args, **kwargs):
         sys.exit(2)
 
 
-def config_app(default_config: str, fn, workdir_help: str):
+def config_app(default_config: str, fn, workdir_help: str, *, lock_beside: bool = False):
     """Define --config (an ml_collections config file, locked) and --workdir; return an absl main
-    that calls `fn(config, workdir)` and prints its result."""
+    that calls `fn(config, workdir)` under `fileio.workdir_lock(workdir)` and prints its result.
+
+    The lock keeps a second run out of a workdir in use (it exits 2 naming the holder's pid,
+    writing nothing). It is `workdir/.lock`, the workdir created for it when missing (every
+    target creates its workdir anyway; a failed run's empty one is removed again). With
+    `lock_beside` it is the sibling `.<workdir>.lock` instead, for targets whose output folder
+    must not exist or be empty when they start (fisher, gram). On a multi-host launch, only
+    process 0 takes it."""
     from absl import app
     from ml_collections import config_flags
 
@@ -63,12 +70,29 @@ def config_app(default_config: str, fn, workdir_help: str):
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         from mdt_jax.sharding import initialize_distributed
 
-        initialize_distributed()  # multi-host when launched so (see README), else nothing
+        distributed = initialize_distributed()  # multi-host when launched so (see README), else nothing
         enable_compile_cache()
         import mdt_jax.behaviour.datasets  # noqa: F401  registers the `generated:` dataset resolver
-        print(run_or_exit(fn, config.value, workdir.value))
+        print(run_or_exit(locked, fn, config.value, workdir.value, lock=not distributed or _process_index() == 0,
+                          beside=lock_beside))
 
     return main
+
+
+def locked(fn, config, workdir: str, *, lock: bool = True, beside: bool = False):
+    """fn(config, workdir) holding the workdir's lock (`mdt_jax.fileio.workdir_lock`) if `lock`."""
+    import contextlib
+
+    from mdt_jax.fileio import workdir_lock
+
+    with workdir_lock(workdir, beside=beside) if lock else contextlib.nullcontext():
+        return fn(config, workdir)
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _unknown_field(e: Exception, config_file: str):

@@ -62,6 +62,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mdt_jax import merge as M, subsets
+from mdt_jax import trees
 from mdt_jax.models.dt import DTConfig
 from mdt_jax.pipelines import trunk
 
@@ -172,11 +173,7 @@ def _axes(path: tuple[str, ...]) -> dict[int, tuple[str, int]] | None:
 
 
 def _flat(params) -> list[tuple[str, tuple[str, ...], jax.Array]]:
-    out = []
-    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in p)
-        out.append((subsets.path_str(p), keys, x))
-    return out
+    return [(n, tuple(n.split("/")), x) for n, x in trees.flatten(params).items()]
 
 
 def _index(kind: str, block: int, perms: Perms, cfg: DTConfig):
@@ -335,12 +332,10 @@ def weight_matching(cfg: DTConfig, ref_params, params, *, iters: int = 100, seed
     _check_trunk(cfg, ref_params, "reference")
     _check_trunk(cfg, params, "other")
     keys = _matched(ref_params, params, match_on)
+    trees.check_finite(ref_params, where="align", what="the reference model")
+    trees.check_finite(params, where="align", what="the other model")
     ref = {n: np.asarray(x, np.float64) for n, _, x in _flat(ref_params)}
     other = {n: np.asarray(x, np.float64) for n, _, x in _flat(params)}
-    for tree, name in ((ref, "reference"), (other, "other")):
-        for n, x in tree.items():
-            if not np.all(np.isfinite(x)):
-                raise ValueError(f"align: non-finite values in the {name} model at {n}")
     axes = {n: _axes_checked(cfg, n, k, ref[n]) for n, k in keys}
     H, L, nh, hd, _ = _dims(cfg)
     groups = [(_RES, -1)] + [(_MLP, i) for i in range(L)] + [("attn", i) for i in range(L)]

@@ -29,9 +29,9 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
+from mdt_jax import trees
 from mdt_jax.data.normalizer import Normalizer
 from mdt_jax.fileio import orbax_writer, read_header, read_params_dir, write_dir_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig, param_shapes
@@ -48,9 +48,8 @@ class CheckpointError(ValueError):
 
 
 def tree_paths(tree) -> dict[str, Any]:
-    """{'block_0/attn/c_attn/kernel': leaf, ...} for a nested-dict pytree."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+    """{'block_0/attn/c_attn/kernel': leaf, ...} for a nested-dict pytree (`trees.flatten`)."""
+    return trees.flatten(tree)
 
 
 def check_params(cfg: DTConfig, params, what: str = "params") -> None:
@@ -76,9 +75,7 @@ def _json_safe(obj):
 
 def _check_loaded(cfg: DTConfig, params, where: str) -> None:
     check_params(cfg, params, what=where)
-    for path, leaf in tree_paths(params).items():
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise CheckpointError(f"{where}: non-finite values at {path}")
+    trees.check_finite(params, error=CheckpointError, where=where)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -173,9 +170,7 @@ def save(directory: str | os.PathLike, params, config: DTConfig, metadata: dict 
     from `metadata` (`legacy_norms`). Returns the path."""
     directory = os.path.abspath(os.fspath(directory))
     check_params(config, params)
-    for path, leaf in tree_paths(params).items():
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise CheckpointError(f"refusing to save non-finite values at {path}")
+    trees.check_finite(params, error=CheckpointError, where="refusing to save")
     metadata = dict(metadata or {})
     if norms is None:
         legacy_tasks, norms = legacy_norms(metadata, config)

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import merge as M, subsets
+from mdt_jax import trees
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.pipelines import P2_FINETUNE, P2_SUBSET
 
@@ -85,33 +86,6 @@ class EMR:
 
 # ----------------------------------------------------------------------- nested-dict selections
 
-def _pick(tree, sel) -> dict:
-    """The leaves of the nested dict `tree` where the bool tree `sel` is True, as a nested dict."""
-    out: dict = {}
-    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(sel)):
-        if not s:
-            continue
-        keys = [getattr(k, "key", None) for k in path]
-        if any(k is None for k in keys):
-            raise M.MergeError(f"params must be nested dicts; got a non-dict node at {subsets.path_str(path)}")
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = x
-    return out
-
-
-def _overlay(tree, part):
-    """`tree` with the leaves present in the nested dict `part` replaced by part's."""
-    if not isinstance(part, dict):
-        return part
-    return {k: (_overlay(v, part[k]) if k in part else v) for k, v in tree.items()}
-
-
-def _paths(tree) -> list[str]:
-    return [subsets.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
@@ -140,31 +114,24 @@ def emr_elect(base, models, *, subset=P2_SUBSET, frozen: Sequence[str] = FROZEN,
     outside_frozen = jax.tree.map(lambda s, f: (not s) and bool(f), sel, fro)
     own = jax.tree.map(lambda s, f: (not s) and not bool(f), sel, fro)
     if _concrete(base, models):
-        for p, b in jax.tree_util.tree_flatten_with_path(base)[0]:
-            if not np.all(np.isfinite(np.asarray(b))):
-                raise M.MergeError(f"non-finite values in base at {subsets.path_str(p)}")
-        for (p, b), x, f in zip(jax.tree_util.tree_flatten_with_path(base)[0], jax.tree.leaves(models),
-                                jax.tree.leaves(outside_frozen)):
+        trees.check_finite(base, error=M.MergeError, what="base")
+        for (p, b), x, f in zip(trees.flatten(base).items(), jax.tree.leaves(models), jax.tree.leaves(outside_frozen)):
             if not f:
                 continue
             b, x = np.asarray(b), np.asarray(x)
             for i in range(N):
                 if not np.array_equal(x[i], b):
                     raise M.MergeError(
-                        f"{names[i]} differs from the base at {subsets.path_str(p)}, a leaf frozen while "
+                        f"{names[i]} differs from the base at {p}, a leaf frozen while "
                         f"finetuning ({', '.join(frozen)}): it cannot have been finetuned from this base")
-        for p, x in jax.tree_util.tree_flatten_with_path(models)[0]:
-            x = np.asarray(x)
-            if not np.all(np.isfinite(x)):
-                i = int(np.argmax(~np.isfinite(x).reshape(N, -1).all(axis=1)))
-                raise M.MergeError(f"non-finite values in {names[i]} at {subsets.path_str(p)}")
-    bsub, msub = _pick(base, sel), _pick(models, sel)
+        trees.check_finite(models, error=M.MergeError, names=names)
+    bsub, msub = trees.pick(base, sel, error=M.MergeError), trees.pick(models, sel, error=M.MergeError)
     if _concrete(bsub, msub) and all(np.array_equal(np.asarray(x), np.broadcast_to(np.asarray(b), np.shape(x)))
                                      for b, x in zip(jax.tree.leaves(bsub), jax.tree.leaves(msub))):
         raise M.MergeError(f"the task vectors on subset {subset!r} are identically zero for every model "
-                           f"(paths {_paths(bsub)[:3]}...): the finetunes equal the base (wrong base?)")
+                           f"(paths {trees.paths(bsub)[:3]}...): the finetunes equal the base (wrong base?)")
     tau_uni, masks, rescalers = _elect(bsub, msub)
-    return EMR(tau_uni=tau_uni, masks=masks, rescalers=rescalers, rest=_pick(models, own))
+    return EMR(tau_uni=tau_uni, masks=masks, rescalers=rescalers, rest=trees.pick(models, own, error=M.MergeError))
 
 
 @jax.jit
@@ -192,14 +159,13 @@ def _elect(bsub, msub):
 
 
 def _check_emr(base, emr: EMR) -> None:
-    got = {p: tuple(np.shape(x)) for p, x in zip(_paths(emr.tau_uni), jax.tree.leaves(emr.tau_uni))}
-    want = {p: tuple(np.shape(x)) for p, x in zip(_paths(base), jax.tree.leaves(base))}
+    got, want = trees.shapes(emr.tau_uni), trees.shapes(base)
     N = emr.num_models
     problems = [f"{p}: not in the base" for p in sorted(set(got) - set(want))]
     problems += [f"{p}: base has {want[p]}, tau_uni has {s}" for p, s in got.items() if p in want and want[p] != s]
     for field in ("masks", "rest"):
         tree = getattr(emr, field)
-        for p, x in zip(_paths(tree), jax.tree.leaves(tree)):
+        for p, x in trees.flatten(tree).items():
             if p not in want:
                 problems.append(f"{field}/{p}: not in the base")
             elif tuple(np.shape(x)) != (N,) + want[p]:
@@ -231,7 +197,7 @@ def _task_params(base, emr: EMR, i):
     lam = emr.rescalers[i]
     sub = jax.tree.map(lambda b, u, m: (b + lam * jnp.where(m[i], u, 0)).astype(b.dtype),
                        _subtree(base, emr.tau_uni), emr.tau_uni, emr.masks)
-    return _overlay(_overlay(base, sub), jax.tree.map(lambda x: x[i], emr.rest))
+    return trees.overlay(trees.overlay(base, sub), jax.tree.map(lambda x: x[i], emr.rest))
 
 
 def emr_stack(base, emr: EMR) -> dict:
@@ -247,7 +213,7 @@ def _stack(base, emr: EMR):
     sub = jax.tree.map(lambda b, u, m: (b[None] + lam.reshape((N,) + (1,) * b.ndim) * jnp.where(m, u[None], 0))
                        .astype(b.dtype), _subtree(base, emr.tau_uni), emr.tau_uni, emr.masks)
     full = jax.tree.map(lambda b: jnp.broadcast_to(b, (N,) + jnp.shape(b)), base)
-    return _overlay(_overlay(full, sub), emr.rest)
+    return trees.overlay(trees.overlay(full, sub), emr.rest)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -287,9 +253,7 @@ def save_emr(directory, emr: EMR, *, base: str, config, names: Sequence[str], su
     if not np.all(np.isfinite(lam)) or np.any(lam < 0):
         raise EMRError(f"save_emr: rescalers must be finite and >= 0, got {lam.tolist()}")
     for field in ("tau_uni", "rest"):
-        for p, x in zip(_paths(getattr(emr, field)), jax.tree.leaves(getattr(emr, field))):
-            if not np.all(np.isfinite(np.asarray(x))):
-                raise EMRError(f"save_emr: non-finite values in {field} at {p}")
+        trees.check_finite(getattr(emr, field), error=EMRError, where="save_emr", what=field)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "base": os.path.abspath(os.fspath(base)),
             "config": config.to_dict(), "names": list(names),
             "subset": subset if isinstance(subset, str) else list(subset), "frozen": list(frozen),
@@ -318,9 +282,9 @@ def load_emr(directory) -> tuple[EMR, dict]:
               rest=a.get("rest") or {})
     if emr.rescalers.shape != (len(lam),) or not np.allclose(emr.rescalers, lam, rtol=1e-6):
         raise EMRError(f"{directory}: the stored rescalers disagree with {META_FILE}")
-    if _paths(emr.tau_uni) != _paths(emr.masks):
+    if trees.paths(emr.tau_uni) != trees.paths(emr.masks):
         raise EMRError(f"{directory}: masks and tau_uni cover different parameters")
-    for p, m in zip(_paths(emr.masks), jax.tree.leaves(emr.masks)):
+    for p, m in trees.flatten(emr.masks).items():
         if np.asarray(m).dtype != np.bool_ or np.shape(m)[:1] != (len(lam),):
             raise EMRError(f"{directory}: masks/{p} must be bool with leading axis {len(lam)}")
     return emr, meta

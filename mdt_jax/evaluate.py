@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import envs, sharding
+from mdt_jax import trees
 from mdt_jax.models.dt import DTConfig, apply, param_shapes
 
 
@@ -171,18 +172,16 @@ def evaluate_model(model, params, spec: EvalSpec, *, seed: int, label: str, chec
 
 def _num_candidates(cfg: DTConfig, params) -> int | None:
     """None for one param set; M when every leaf has an extra leading axis of size M."""
-    want = param_shapes(cfg)
-    leaves_w, leaves_p = jax.tree.leaves(want), jax.tree.leaves(params)
-    if jax.tree.structure(want) != jax.tree.structure(params):
+    want = trees.shapes(param_shapes(cfg))
+    got = trees.shapes(params)
+    if set(want) != set(got):
         from mdt_jax.checkpoint import check_params
         check_params(cfg, params)  # raises, listing the paths
-    if all(np.shape(p) == w.shape for p, w in zip(leaves_p, leaves_w)):
+    if got == want:
         return None
-    ms = {np.shape(p)[0] if np.ndim(p) == len(w.shape) + 1 and np.shape(p)[1:] == w.shape else -1
-          for p, w in zip(leaves_p, leaves_w)}
+    ms = {got[p][0] if len(got[p]) == len(w) + 1 and got[p][1:] == w else -1 for p, w in want.items()}
     if len(ms) != 1 or -1 in ms:
-        bad = [jax.tree_util.keystr(k) for (k, p), w in zip(jax.tree_util.tree_flatten_with_path(params)[0], leaves_w)
-               if np.shape(p) not in (w.shape,) and np.shape(p)[1:] != w.shape]
+        bad = [p for p, w in want.items() if got[p] != w and got[p][1:] != w]
         raise ValueError(f"params do not fit the model config (expected shapes {'or a stacked leading axis'}); "
                          f"mismatched: {bad[:10]}")
     return ms.pop()

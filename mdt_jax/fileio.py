@@ -3,14 +3,20 @@
 A file or folder is built under a temporary sibling name, synced, and renamed into place; an
 existing target is replaced only with `overwrite=True` (and then by a rename too, so a reader
 never sees a half-written one). The temporary is removed if anything fails, disk full included.
+
+`workdir_lock` keeps two processes out of one workdir: an exclusive `fcntl.flock` on a lock
+file, which the OS drops when its holder exits or is killed, so no stale lock survives a crash.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 
 def fsync_path(path: str) -> None:
@@ -76,6 +82,85 @@ def write_dir_atomic(folder, files: Mapping[str, Callable[[str], None]], *, over
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# ------------------------------------------------------------------------------- workdir lock
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLockedError(FileExistsError):
+    """Another live process holds the workdir's lock."""
+
+
+def lock_path(workdir, *, beside: bool = False) -> str:
+    """`workdir/.lock`, or with `beside` the sibling `.<name>.lock` (for targets whose output
+    folder must not exist or must be empty when they start, e.g. the Fisher and Gram launchers)."""
+    workdir = os.path.abspath(os.fspath(workdir)).rstrip(os.sep)
+    if beside:
+        parent, name = os.path.split(workdir)
+        return os.path.join(parent, f".{name}{LOCK_FILE}")
+    return os.path.join(workdir, LOCK_FILE)
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, *, beside: bool = False) -> Iterator[str]:
+    """Hold an exclusive, non-blocking `fcntl.flock` on `lock_path(workdir, beside)` for the
+    with-block; yields the lock file's path. The holder writes its pid into the file.
+
+    A second process (or a second lock in this one) gets `WorkdirLockedError` (a FileExistsError)
+    naming the workdir and the holder's pid, at once. The OS releases the lock when the holder
+    exits or is killed (SIGKILL included), so a dead run never leaves a stale lock: the next one
+    takes it. The folder holding the lock file is created if missing; on leaving, the lock file
+    is removed (still under the lock), and so is that folder if this call created it and it is
+    empty, so a run that fails before writing anything leaves no trace.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    path = lock_path(workdir, beside=beside)
+    folder = os.path.dirname(path)
+    created = not os.path.isdir(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder} exists and is not a folder (workdir {workdir})")
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = _holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirLockedError(f"workdir {workdir} is in use by another run (pid {pid}, lock file "
+                                         f"{path}); wait for it to finish or use another --workdir") from None
+            raise
+        try:  # the file may have been unlinked by a holder leaving between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only if still empty
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------- artifact folders: JSON header + orbax arrays
@@ -159,18 +244,30 @@ def read_config_artifact(directory, meta_file: str, fmt: str, version: int | tup
     return cfg, meta.get("metadata") or {}
 
 
-def read_params_dir(directory, error: type[Exception], what: str, shapes, check: Callable[[Any, str], None]):
+def read_params_dir(directory, error: type[Exception], what: str, shapes,
+                    check: Callable[[Any, str], None] | None = None):
     """The orbax pytree in `directory/params`, restored into the layout of `shapes` (a tree of
-    ShapeDtypeStructs); `check(tree, where)` vets the stored layout first and the values after."""
+    ShapeDtypeStructs). The stored layout must match `shapes` path for path, in shape and dtype
+    (`trees.check_shapes`, naming every missing, extra or mis-shaped path) before anything is
+    restored; `check(tree, where)` then vets the stored layout and the restored values."""
     import jax
     import numpy as np
+
+    from mdt_jax import trees
+
+    want = trees.shapes(shapes, dtypes=True)
+
+    def vet(tree, where):
+        trees.check_shapes(tree, want, error=error, prefix=f"{where} do not fit the {what}", dtypes=True)
+        if check is not None:
+            check(tree, where)
 
     pdir = os.path.join(os.fspath(directory), "params")
     if not os.path.isdir(pdir):
         raise error(f"{directory}: params/ is missing (incomplete {what})")
     target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
-    params = orbax_read(pdir, error, what, target=target, check=lambda stored: check(stored, f"arrays stored in {pdir}"))
-    check(params, pdir)
+    params = orbax_read(pdir, error, what, target=target, check=lambda stored: vet(stored, f"arrays stored in {pdir}"))
+    vet(params, pdir)
     return params
 
 

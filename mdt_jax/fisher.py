@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import sharding, subsets
+from mdt_jax import sharding
+from mdt_jax import trees
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
 from mdt_jax.models.dt import DTConfig, Linear
@@ -90,13 +91,7 @@ class FisherResult:
 
 def subset_selection(params, subset=DEFAULT_SUBSET) -> tuple[bool, ...]:
     """The subset as one Python bool per leaf of `params` (patterns, aliases or a bool tree)."""
-    if subset is None or isinstance(subset, str) or (isinstance(subset, (list, tuple))
-                                                     and all(isinstance(s, str) for s in subset)):
-        mask = subsets.select(params, subset or DEFAULT_SUBSET)
-    else:
-        mask = subset
-        if jax.tree.structure(mask) != jax.tree.structure(params):
-            raise FisherError("subset: a bool mask tree must have the structure of params")
+    mask = trees.mask(params, DEFAULT_SUBSET if subset is None else subset, error=FisherError)
     try:
         sel = tuple(bool(m) for m in jax.tree.leaves(mask))
     except jax.errors.ConcretizationTypeError:
@@ -164,7 +159,7 @@ def _exact_squares(cfg: DTConfig, params, sel_paths: list[str], batch: dict, key
     dense kernel's is X_i^T G_i, since examples never interact in a DT), built for `chunk`
     examples and one module at a time, then squared and summed.
     """
-    leaves = {subsets.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = trees.flatten(params)
     wanted = set(sel_paths)
     modules = {p.rsplit("/", 1)[0] for p in sel_paths}
     calls: list = []
@@ -213,12 +208,13 @@ def _fisher_scan(cfg: DTConfig, params, get_batch: Callable, num_batches: int, r
     batch b's dropout key is `fold_in(rng, b)`. With a `mesh`, the batches are split across its
     devices (`sharding.sum_split`). `raw`: return the unnormalised sums instead, {"sums": [summed
     squared gradients of the subset's leaves], "n": unmasked timesteps} (`finish_sums` ends them)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat = trees.flatten(params)
+    treedef = jax.tree.structure(params)
     if len(sel) != len(flat):
         raise FisherError(f"subset: {len(sel)} mask leaves for {len(flat)} parameters")
-    leaves = [x for _, x in flat]
+    leaves = list(flat.values())
     sub = [x for s, x in zip(sel, leaves) if s]
-    sel_paths = [subsets.path_str(p) for s, (p, _) in zip(sel, flat) if s]
+    sel_paths = [p for s, p in zip(sel, flat) if s]
 
     def with_sub(s):
         it = iter(s)
@@ -362,12 +358,8 @@ ARRAYS = "fisher"
 
 
 def _check_values(tree, where: str) -> None:
-    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        x = np.asarray(x)
-        if not np.all(np.isfinite(x)):
-            raise FisherError(f"{where}: non-finite Fisher values at {subsets.path_str(p)}")
-        if np.any(x < 0):
-            raise FisherError(f"{where}: negative Fisher values at {subsets.path_str(p)}")
+    trees.check_finite(tree, error=FisherError, where=where, kind="Fisher values")
+    trees.check_nonnegative(tree, error=FisherError, where=where, kind="Fisher values")
 
 
 def save_fisher(directory, result: FisherResult, metadata: dict | None = None) -> str:

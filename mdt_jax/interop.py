@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mdt_jax import trees
 from mdt_jax.fileio import write_dir_atomic
 from mdt_jax.models.dt import DTConfig, TaskSpec, param_shapes
 
@@ -101,37 +102,18 @@ def key_table(cfg: DTConfig, trunk: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _get(tree, path: str):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-def set_path(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for k in parents:
-        tree = tree.setdefault(k, {})
-    tree[leaf] = value
-
-
 def expected_shapes(cfg: DTConfig, table) -> dict[str, tuple[int, ...]]:
     """{torch key: shape} that `cfg`'s DT needs."""
     shapes = param_shapes(cfg)
     return {f"{theirs}.{tleaf}": tuple(reversed(s) if transpose else s)
             for ours, theirs, kind in table for leaf, tleaf, transpose in LEAVES[kind]
-            for s in [_get(shapes, f"{ours}/{leaf}").shape]}
+            for s in [trees.get_path(shapes, f"{ours}/{leaf}").shape]}
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], want: Mapping[str, tuple], what: str) -> None:
     """Raise InteropError listing every missing, unexpected or mis-shaped key."""
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
-    problems += [f"{k}: shape {got[k]}, expected {want[k]}" for k in sorted(want.keys() & got.keys())
-                 if got[k] != want[k]]
-    if problems:
-        raise InteropError(f"{what} does not fit the DT: " + "; ".join(problems[:30])
-                           + (f" (+{len(problems) - 30} more)" if len(problems) > 30 else ""))
+    got = {k: trees.leaf_shape(v) for k, v in tensors.items()}
+    trees.raise_problems(trees.shape_problems(dict(want), got), InteropError, f"{what} does not fit the DT", limit=30)
 
 
 def _to_params(cfg: DTConfig, tensors: Mapping[str, np.ndarray], trunk: str, what: str,
@@ -144,14 +126,14 @@ def _to_params(cfg: DTConfig, tensors: Mapping[str, np.ndarray], trunk: str, wha
     for ours, theirs, kind in table:
         for leaf, tleaf, transpose in LEAVES[kind]:
             a = tensors[f"{theirs}.{tleaf}"]
-            set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
+            trees.set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
     return params
 
 
 def _to_tensors(cfg: DTConfig, params, trunk: str) -> dict[str, np.ndarray]:
     return {f"{theirs}.{tleaf}": np.ascontiguousarray(a.T if transpose else a, np.float32)
             for ours, theirs, kind in key_table(cfg, trunk) for leaf, tleaf, transpose in LEAVES[kind]
-            for a in [np.asarray(_get(params, f"{ours}/{leaf}"))]}
+            for a in [np.asarray(trees.get_path(params, f"{ours}/{leaf}"))]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import interop
+from mdt_jax import trees
 from mdt_jax.interop import InteropError
 from mdt_jax.models.dt import Block, DecisionTransformer, DTConfig, Dropout, layer_norm
 
@@ -185,7 +186,7 @@ def import_lm(folder: str | os.PathLike) -> LMTrunk:
     for ours, theirs, kind in rows:
         for leaf, tleaf, transpose in interop.LEAVES[kind]:
             a = tensors[f"{theirs}.{tleaf}"]
-            interop.set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
+            trees.set_path(params, f"{ours}/{leaf}", np.ascontiguousarray(a.T if transpose else a, np.float32))
     return LMTrunk(params=params, wte=tensors["wte.weight"], wpe=tensors["wpe.weight"], n_embd=H,
                    n_layer=c["n_layer"], n_head=c["n_head"], activation_function=c["activation_function"],
                    layer_norm_epsilon=float(c["layer_norm_epsilon"]), n_inner=c["n_inner"],

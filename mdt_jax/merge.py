@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import subsets
+from mdt_jax import trees
 
 Subset = Any  # None | str | Sequence[str] | bool pytree
 
@@ -44,37 +45,24 @@ class MergeError(ValueError):
     """Models (or Fishers) that cannot be merged, or a bad coefficient."""
 
 
-def _paths_shapes(tree) -> dict[str, tuple]:
-    return {subsets.path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_compatible(trees: Sequence, names: Sequence[str] | None = None) -> None:
+def check_compatible(pytrees: Sequence, names: Sequence[str] | None = None) -> None:
     """Raise MergeError listing every path missing from, or shaped differently in, some tree."""
-    if len(trees) < 1:
+    if len(pytrees) < 1:
         raise MergeError("no models to merge")
-    names = list(names or [f"model {i}" for i in range(len(trees))])
-    ref = _paths_shapes(trees[0])
-    problems = []
-    for name, t in zip(names[1:], trees[1:]):
-        got = _paths_shapes(t)
-        problems += [f"{p}: missing in {name}" for p in sorted(set(ref) - set(got))]
-        problems += [f"{p}: only in {name}" for p in sorted(set(got) - set(ref))]
-        problems += [f"{p}: {names[0]} has {ref[p]}, {name} has {got[p]}" for p in sorted(set(ref) & set(got))
-                     if ref[p] != got[p]]
-    if problems:
-        raise MergeError("models do not match: " + "; ".join(problems[:20])
-                         + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+    names = list(names or [f"model {i}" for i in range(len(pytrees))])
+    ref = trees.shapes(pytrees[0])
+    problems = [q for name, t in zip(names[1:], pytrees[1:])
+                for q in trees.shape_problems(ref, trees.shapes(t), want_name=names[0], got_name=name)]
+    trees.raise_problems(problems, MergeError, "models do not match")
 
 
-def stack(trees: Sequence, names: Sequence[str] | None = None):
+def stack(pytrees: Sequence, names: Sequence[str] | None = None):
     """Stack matching pytrees on a new leading model axis."""
-    names = list(names or [f"model {i}" for i in range(len(trees))])
-    check_compatible(trees, names)
-    for name, t in zip(names, trees):
-        for p, x in jax.tree_util.tree_flatten_with_path(t)[0]:
-            if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
-                raise MergeError(f"non-finite values in {name} at {subsets.path_str(p)}")
-    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+    names = list(names or [f"model {i}" for i in range(len(pytrees))])
+    check_compatible(pytrees, names)
+    for name, t in zip(names, pytrees):
+        trees.check_finite(t, error=MergeError, what=name)
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *pytrees)
 
 
 def unstack(stacked) -> list:
@@ -88,13 +76,7 @@ def first_model(stacked):
 
 def subset_mask(params, subset: Subset):
     """A bool tree over `params` (one model, no leading axis) from patterns, a bool tree, or None (all)."""
-    if subset is None:
-        return jax.tree.map(lambda _: True, params)
-    if isinstance(subset, (str, list, tuple)):
-        return subsets.select(params, subset)
-    if jax.tree.structure(subset) != jax.tree.structure(params):
-        raise MergeError("subset mask tree does not match the params tree")
-    return subset
+    return trees.mask(params, subset, error=MergeError)
 
 
 def merged_fraction(params, subset: Subset) -> float:
@@ -184,9 +166,8 @@ def fisher_weighted(models, fishers, *, normalize_trace: bool = True, trace_over
     if num_models(fishers) != M:
         raise MergeError(f"{num_models(fishers)} Fishers for {M} models")
     mask = subset_mask(first_model(models), subset)
-    for p, f in jax.tree_util.tree_flatten_with_path(fishers)[0]:
-        if is_concrete(f) and (not np.all(np.isfinite(np.asarray(f))) or np.any(np.asarray(f) < 0)):
-            raise MergeError(f"Fisher has negative or non-finite values at {subsets.path_str(p)}")
+    trees.check_finite(fishers, error=MergeError, kind="Fisher values")
+    trees.check_nonnegative(fishers, error=MergeError, kind="Fisher values")
     scope = [f for f, m in zip(jax.tree.leaves(fishers), jax.tree.leaves(mask)) if m or trace_over == "fisher"]
     trace = sum(jnp.sum(f.reshape(M, -1), axis=1) for f in scope) if normalize_trace else None  # (M,)
     guard = floor is None
@@ -241,9 +222,10 @@ def _topk_threshold(tv, mask, k):
     does; for a traced k (a vmapped sweep) as floor(k * n) + 1 in float32, which can differ by one
     where k * n is within float32 rounding of an integer (sweep k in Python to avoid it). Exact,
     without sorting: non-negative float32s order like their int32 bit patterns, so a 31-step
-    bisection on the bits, each step one counting pass, finds the threshold.
+    bisection on the bits, each step one counting pass, finds the threshold. Magnitudes of other
+    dtypes (float16, int) are compared as float32s.
     """
-    bits = [jax.lax.bitcast_convert_type(jnp.abs(t), jnp.int32).reshape(t.shape[0], -1)
+    bits = [jax.lax.bitcast_convert_type(jnp.abs(t).astype(jnp.float32), jnp.int32).reshape(t.shape[0], -1)
             for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask)) if m]
     n = sum(b.shape[1] for b in bits)
     if is_concrete(k):
@@ -282,6 +264,8 @@ def ties(base, models, k=0.2, lam=1.0, *, subset: Subset = None):
     tv = task_vectors(base, models)
     mask = subset_mask(base, subset)
     M = num_models(models)
+    if not any(bool(m) for m in jax.tree.leaves(mask)):
+        return base  # nothing to merge, as every other method does with an empty subset
     thr = _topk_threshold(tv, mask, k)
     trimmed = [jnp.where(jnp.abs(t) >= thr.reshape((M,) + (1,) * (t.ndim - 1)), t, 0.0) if m else None
                for t, m in zip(jax.tree.leaves(tv), jax.tree.leaves(mask))]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import checkpoint, envs, evaluate as ev, fileio, merge as M
+from mdt_jax import checkpoint, envs, evaluate as ev, fileio, merge as M, trees
 from mdt_jax.models.dt import DTConfig
 
 P1_SUBSET = "attn,mlp"
@@ -70,7 +70,7 @@ def p1_merge(models: Sequence[dict], method: str = "average", fishers: Sequence[
     out = []
     for p in models:
         own = trunk(p)
-        blocks = jax.tree.map(lambda m, x, y: x if m else y, mask, merged, own)
+        blocks = trees.where(mask, merged, own)
         out.append(p | blocks)
     return out
 

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import merge as M, subsets
+from mdt_jax import trees
 from mdt_jax.data.sampler import SegmentData, sample_batch
 from mdt_jax.fisher import over_tasks
 from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
@@ -100,21 +101,10 @@ def trunk_linear_paths(cfg: DTConfig) -> list[str]:
     return [f"block_{i}/{name}" for i in range(cfg.n_layer) for name in TRUNK_LINEARS]
 
 
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, x in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = x
-    return out
-
-
 def flat_grams(grams) -> dict:
     """{module path: Gram} of a Grams or a nested Gram dict."""
     tree = grams.gram if isinstance(grams, Grams) else grams
-    return {subsets.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return trees.flatten(tree)
 
 
 # --------------------------------------------------------------------------------------- compute
@@ -151,7 +141,7 @@ def _batch_sums(cfg: DTConfig, params, batch: dict, paths: list[str]):
 def _gram_scan(cfg: DTConfig, params, get_batch, num_batches: int) -> Grams:
     """Mean Grams over batches ``get_batch(b)``, 0 <= b < num_batches, in one lax.scan."""
     paths = trunk_linear_paths(cfg)
-    leaves = {subsets.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = trees.flatten(params)
     for p in paths:
         if f"{p}/kernel" not in leaves:
             raise GramError(f"params: no {p}/kernel (params do not match the config)")
@@ -166,7 +156,7 @@ def _gram_scan(cfg: DTConfig, params, get_batch, num_batches: int) -> Grams:
     (acc, n), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     mean = {p: 0.5 * (a + a.T) / denom for p, a in acc.items()}   # exact symmetry, whatever the summation order
-    return Grams(gram=_nest(mean), n_tokens=n, n_batches=num_batches)
+    return Grams(gram=trees.unflatten(mean), n_tokens=n, n_batches=num_batches)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -268,7 +258,7 @@ def regmean(models, grams, alpha=DEFAULT_ALPHA, *, subset=DEFAULT_SUBSET, keep: 
     gmap = flat_grams(grams)
     one = M.first_model(models)
     mask = M.subset_mask(one, subset)
-    leaves = {subsets.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(models)[0]}
+    leaves = trees.flatten(models)
     for path, G in gmap.items():
         W = leaves.get(f"{path}/kernel")
         if W is None:
@@ -277,8 +267,7 @@ def regmean(models, grams, alpha=DEFAULT_ALPHA, *, subset=DEFAULT_SUBSET, keep: 
         if tuple(G.shape) != want:
             raise M.MergeError(f"grams: {path} has shape {tuple(G.shape)}, expected {want} "
                                f"({n} models x (in, in) for a kernel {tuple(W.shape[1:])})")
-        if M.is_concrete(G) and not np.all(np.isfinite(np.asarray(G))):
-            raise M.MergeError(f"grams: non-finite values at {path}")
+        trees.check_finite({path: G}, error=M.MergeError, where="grams")
     trunk_linear = tuple(f"block_*/{name}/kernel" for name in TRUNK_LINEARS)
 
     def leaf(p, m, x):

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import merge as M, pipelines as P, subsets
+from mdt_jax import trees
 from mdt_jax.fileio import write_file_atomic, write_json_atomic
 from mdt_jax.models.dt import DTConfig
 
@@ -93,7 +94,7 @@ def coefficient_groups(params, subset: M.Subset = P.P2_SUBSET, groups: str | Seq
     and together cover every merged leaf (else SearchError naming the paths).
     """
     inside = M.subset_mask(params, subset)
-    paths = [subsets.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = trees.paths(params)
     sel = dict(zip(paths, jax.tree.leaves(inside)))
     if groups == "blocks":
         blocks = sorted({p.split("/")[0] for p, s in sel.items() if s and _block_number(p.split("/")[0]) >= 0},
@@ -138,7 +139,7 @@ def _per_group(masks, fn, coeffs, outside):
     out = outside
     for g, mask in enumerate(masks):
         merged = fn(coeffs[g], mask)
-        out = jax.tree.map(lambda m, r, o: r if m else o, mask, merged, out)
+        out = trees.where(mask, merged, out)
     return out
 
 
@@ -244,9 +245,7 @@ def make_space(method: str, cfg: DTConfig, finetuned: Sequence[dict], *, pre: di
             M.check_coefficient("floor", floor, 0.0)
         fs = M.stack(fishers, [f"fisher[{t}]" for t in cfg.task_names])
         M.check_compatible([finetuned[0], M.first_model(fs)], [names[0], "fishers"])
-        for p, f in jax.tree_util.tree_flatten_with_path(fs)[0]:
-            if np.any(np.asarray(f) < 0):
-                raise SearchError(f"fishers: negative values at {subsets.path_str(p)}")
+        trees.check_nonnegative(fs, error=SearchError, where="fishers")
         f_norm, c = jax.jit(lambda f: _normalised_fishers(f, full, normalize_trace))(fs)
         squash = _softplus_at(1.0)
 

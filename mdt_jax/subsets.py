@@ -25,6 +25,8 @@ from typing import Iterable
 
 import jax
 
+from mdt_jax.trees import path_str, paths  # noqa: F401  (path_str: the path convention, kept importable here)
+
 ALIASES: dict[str, tuple[str, ...]] = {
     "attn": ("block_*/attn",),
     "mlp": ("block_*/mlp",),
@@ -37,10 +39,6 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "ln_f": ("ln_f",),
     "all": ("*",),
 }
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def pattern_names(patterns: str | Iterable[str]) -> list[str]:
@@ -64,12 +62,12 @@ def select(tree, patterns: str | Iterable[str], *, exclude: str | Iterable[str] 
     With `strict`, a pattern that matches nothing raises ValueError (catches typos such as 'atn').
     """
     inc, exc = expand(patterns), expand(exclude)
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = paths(tree)
     if strict:
         for pat in pattern_names(patterns) + pattern_names(exclude):
-            if not any(matches(p, expand(pat)) for p in paths):
+            if not any(matches(p, expand(pat)) for p in names):
                 raise ValueError(f"parameter pattern {pat!r} matches no parameter; paths look like "
-                                 f"{paths[:3]}; aliases: {sorted(ALIASES)}")
+                                 f"{names[:3]}; aliases: {sorted(ALIASES)}")
     return jax.tree_util.tree_map_with_path(
         lambda p, _: matches(path_str(p), inc) and not matches(path_str(p), exc), tree)
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mdt_jax import sharding, subsets
+from mdt_jax import sharding, subsets, trees
 from mdt_jax.fileio import run_config_guard  # noqa: F401  (re-exported)
 from mdt_jax.losses import act_dims, action_loss, init_reg  # noqa: F401  (action_loss re-exported)
 from mdt_jax.models.dt import DTConfig, init_params
@@ -228,7 +228,7 @@ def init_params_for_seed(cfg: DTConfig, seed: int) -> dict:
 
 def _flat(tree) -> dict:
     """{'block_0.attn.c_attn.kernel': leaf}: flat keys orbax can store."""
-    return {subsets.path_str(p).replace("/", "."): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return trees.flatten(tree, sep=".")
 
 
 def init_reg_loss(state: TrainState, params) -> jax.Array:

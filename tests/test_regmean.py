@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdt_jax import checkpoint, merge as M, pipelines as P, regmean as R, run, subsets
+from mdt_jax import checkpoint, merge as M, pipelines as P, regmean as R, run, subsets, trees
 from mdt_jax.data import gather_segments, pad_to, sample_batch, save_d4rl_hdf5, segment_data, stack_segment_data
 from mdt_jax.models import DTConfig, init_params
 from synth import make_dataset
@@ -45,7 +45,7 @@ def random_grams(seed, n_models=3, rows=40):
     for p, d in dims.items():
         xs = r.normal(size=(n_models, rows, d)) * r.uniform(0.2, 3.0, size=(n_models, 1, d))
         out[p] = jnp.asarray(np.einsum("mri,mrj->mij", xs, xs) / rows, jnp.float32)
-    return R._nest(out)
+    return trees.unflatten(out)
 
 
 # ------------------------------------------------------------------------------------ the merge
@@ -142,10 +142,10 @@ def test_singular_or_bad_grams_and_bad_alpha_raise_naming_the_layer():
     for alpha in (-0.1, 1.5, float("nan")):
         with pytest.raises(M.MergeError, match="alpha"):
             R.regmean(STACKED, grams, alpha)
-    bad = R._nest({p: g[:2] if p == "block_0/attn/c_proj" else g for p, g in R.flat_grams(grams).items()})
+    bad = trees.unflatten({p: g[:2] if p == "block_0/attn/c_proj" else g for p, g in R.flat_grams(grams).items()})
     with pytest.raises(M.MergeError, match=r"block_0/attn/c_proj has shape \(2, 8, 8\)"):
         R.regmean(STACKED, bad, 0.9)
-    nan = R._nest({p: g.at[0, 0, 0].set(jnp.nan) if p == "block_0/mlp/c_fc" else g
+    nan = trees.unflatten({p: g.at[0, 0, 0].set(jnp.nan) if p == "block_0/mlp/c_fc" else g
                    for p, g in R.flat_grams(grams).items()})
     with pytest.raises(M.MergeError, match="non-finite values at block_0/mlp/c_fc"):
         R.regmean(STACKED, nan, 0.9)
@@ -284,7 +284,7 @@ def test_save_load_round_trip_never_overwrites_and_refuses_bad_arrays(tmp_path):
                                                  rng=jax.random.key(1)))(STACKED)
     with pytest.raises(R.GramError, match="one model's Grams only"):
         R.save_grams(tmp_path / "s", stacked)
-    skew = g.replace(gram=R._nest({p: x.at[0, 1].add(1.0) if p == "block_1/mlp/c_fc" else x
+    skew = g.replace(gram=trees.unflatten({p: x.at[0, 1].add(1.0) if p == "block_1/mlp/c_fc" else x
                                    for p, x in R.flat_grams(g).items()}))
     with pytest.raises(R.GramError, match="block_1/mlp/c_fc is not symmetric"):
         R.save_grams(tmp_path / "k", skew)

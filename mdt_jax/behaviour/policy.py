@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdt_jax import trees
 from mdt_jax.fileio import orbax_writer, read_config_artifact, read_params_dir, write_dir_atomic, write_json_atomic
 
 FORMAT = "mdt_jax.policy"
@@ -162,17 +163,9 @@ def _shapes(cfg: PolicyConfig) -> dict:
 
 
 def _check(cfg: PolicyConfig, params, what: str) -> None:
-    from mdt_jax.checkpoint import tree_paths
-    want = {k: tuple(v.shape) for k, v in tree_paths(_shapes(cfg)).items()}
-    got = {k: tuple(np.shape(v)) for k, v in tree_paths(params).items()}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    problems += [f"{k}: shape {got[k]} != expected {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
-    if problems:
-        raise PolicyError(f"{what} do not fit the policy config: " + "; ".join(problems[:10]))
-    for k, v in tree_paths(params).items():
-        if not np.all(np.isfinite(np.asarray(v))):
-            raise PolicyError(f"{what}: non-finite values at {k}")
+    trees.check_shapes(params, trees.shapes(_shapes(cfg)), error=PolicyError, prefix=f"{what} do not fit the policy config",
+                   limit=10)
+    trees.check_finite(params, error=PolicyError, where=what)
 
 
 def save_policy(directory, params, cfg: PolicyConfig, metadata: dict | None = None, *, overwrite: bool = False) -> str:
@@ -194,5 +187,5 @@ def load_policy(directory) -> tuple[PolicyConfig, dict, dict]:
     directory = os.path.abspath(os.fspath(directory))
     cfg, metadata = read_policy_meta(directory)
     params = read_params_dir(directory, PolicyError, "policy checkpoint", _shapes(cfg),
-                             lambda tree, where: _check(cfg, tree, where))
+                             lambda tree, where: trees.check_finite(tree, error=PolicyError, where=where))
     return cfg, params, metadata

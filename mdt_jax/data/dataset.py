@@ -36,7 +36,12 @@ class OfflineDataset:
             value = getattr(self, name)
             if value is not None:
                 dtype = np.float32 if name in FLOAT_FIELDS else bool
-                object.__setattr__(self, name, np.asarray(value, dtype))
+                try:
+                    array = np.asarray(value, dtype)
+                except (ValueError, TypeError) as e:  # ragged rows, text, objects
+                    raise ValueError(f"OfflineDataset.{name}: not a {np.dtype(dtype).name} array "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                object.__setattr__(self, name, array)
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
         self.validate()
 
@@ -101,7 +106,7 @@ class OfflineDataset:
         for i, traj in enumerate(trajectories):
             if not isinstance(traj, dict):
                 raise ValueError(f"trajectory {i}: expected a dict, got {type(traj).__name__}")
-            traj = {("terminals" if k == "dones" and "terminals" not in traj else k): np.asarray(v)
+            traj = {("terminals" if k == "dones" and "terminals" not in traj else k): _column(v, f"trajectory {i}: {k!r}")
                     for k, v in traj.items()}
             for k in TRAJ_KEYS:
                 if k not in traj:
@@ -113,6 +118,8 @@ class OfflineDataset:
             for k in TRAJ_KEYS + ("next_observations",):
                 if k in traj and traj[k].shape[:1] != (n,):
                     raise ValueError(f"trajectory {i}: {k!r} has shape {traj[k].shape}, 'rewards' has {n} steps")
+                if k in traj and k in ("rewards", "terminals") and traj[k].ndim != 1:
+                    raise ValueError(f"trajectory {i}: {k!r} must be 1-d, got shape {traj[k].shape}")
             terminals = traj["terminals"].astype(bool).reshape(n)
             if terminals[:-1].any():
                 raise ValueError(f"trajectory {i}: 'terminals' set before the last step "
@@ -122,6 +129,24 @@ class OfflineDataset:
             columns["timeouts"].append((np.arange(n) == n - 1) & ~terminals[-1])
             columns["next_observations"].append(traj.get("next_observations"))
         nexts = columns.pop("next_observations")
-        nexts = np.concatenate(nexts) if all(x is not None for x in nexts) else None
-        return cls(**{k: np.concatenate(v) for k, v in columns.items()}, next_observations=nexts,
+        nexts = _concatenate(nexts, "next_observations") if all(x is not None for x in nexts) else None
+        return cls(**{k: _concatenate(v, k) for k, v in columns.items()}, next_observations=nexts,
                    metadata=metadata or {})
+
+
+def _column(value, what: str) -> np.ndarray:
+    """np.asarray(value), a ragged or otherwise unreadable value being a ValueError naming `what`."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} is not an array ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _concatenate(parts: list, key: str) -> np.ndarray:
+    """The trajectories' `key` arrays end to end; trajectories whose widths differ are a ValueError
+    naming the key and the first trajectory that differs from trajectory 0."""
+    for i, x in enumerate(parts):
+        if x.shape[1:] != parts[0].shape[1:]:
+            raise ValueError(f"trajectory {i}: {key!r} has shape {x.shape}, trajectory 0's has {parts[0].shape} "
+                             "(every trajectory must have the same widths)")
+    return np.concatenate(parts)
