@@ -271,7 +271,6 @@ def test_study_killed_three_times_then_rerun_gives_the_uninterrupted_results(tin
             assert not os.path.exists(os.path.join(workdir, "results.json"))
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    # the last run trained nothing again that a kill had finished: it starts after the last kill point
     # the last run redid only the stages from the last kill point on: every earlier one was cached
     rest = _stage_markers(r.stdout)
     assert rest == markers[len(markers) - len(rest):] and len(markers) - len(rest) >= points[-1][0], (points, rest)
