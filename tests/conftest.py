@@ -1,6 +1,12 @@
-"""Shared test setup: a persistent XLA compilation cache, CPU only, float32."""
+"""Shared test setup: a persistent XLA compilation cache, CPU only, float32, one BLAS thread."""
 import os
+import sys
 
+# The launchers pin NumPy's BLAS to one thread (launch/_common.py); a matmul's summation order, and
+# so e.g. the SAC behaviour policy's actions and every dataset collected with it, depends on the
+# thread count. Pinned the same way here, an in-process run gives the bytes the CLI gives.
+assert "numpy" not in sys.modules, "conftest must set OPENBLAS_NUM_THREADS before NumPy is imported"
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MUJOCO_GL", "disable")
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")

@@ -3,7 +3,9 @@ exits nonzero from the CLI, and leaves existing artifacts as they were.
 
 Library cases raise a ValueError-family error (or FileNotFoundError / FileExistsError) whose
 message contains `needle`; CLI cases run the real launcher in a subprocess and check the exit
-code, stderr, and that every file under the artifact folder is byte-for-byte unchanged.
+code (2), stderr, that every file under the artifact folder is byte-for-byte unchanged and that
+no file was added there. The launchers' own tests call their library entries in-process for bad
+configs; the exit codes are checked here, once per case.
 """
 import hashlib
 import os
@@ -164,6 +166,10 @@ CLI = {
     "out-of-range value": (lambda t, ck: _train(t, "--config.train.batch_size=-4", f"--workdir={t / 'w1'}"),
                            "batch_size"),
     "unknown task": (lambda t, ck: _train(t, "--config.task=ant", f"--workdir={t / 'w1'}"), "ant"),
+    "unknown activation": (lambda t, ck: _train(t, "--config.model.activation=swish", f"--workdir={t / 'w1'}"),
+                           "activation"),
+    "missing dataset": (lambda t, ck: ["launch.train", "--config.task=hopper", f"--config.dataset={t / 'nope.hdf5'}",
+                                       f"--workdir={t / 'w1'}"], "nope.hdf5"),
     "dataset of another task": (lambda t, ck: _train(t, "--config.task=walker2d", f"--workdir={t / 'w1'}"),
                                 "(17, 6)"),
     "workdir collision": (lambda t, ck: _train(t, f"--workdir={t / 'run'}"), "different run"),
@@ -200,11 +206,12 @@ def test_cli_case(case, artifacts):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", *args(tmp, ck)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode != 0
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
     assert needle in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     after = _digest(tmp)
     assert {k: v for k, v in after.items() if k in before} == before, "an existing artifact changed"
+    assert set(after) == set(before), f"written: {sorted(set(after) - set(before))}"
 
 
 DISK_FULL = textwrap.dedent("""

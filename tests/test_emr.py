@@ -1,8 +1,6 @@
-"""EMR-Merging (mdt_jax.emr): a hand computation, invariances, bad inputs, artifacts and the P2 CLI."""
+"""EMR-Merging (mdt_jax.emr): a hand computation, invariances, bad inputs, artifacts and the P2 merge entry."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,6 @@ from mdt_jax import checkpoint, emr as E, merge as M, subsets
 from mdt_jax.models import DTConfig
 from mdt_jax.models.dt import param_shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(hidden_size=16, n_layer=1, context_len=4, max_ep_len=1000)
 TASKS = [("hopper", 11, 3), ("walker2d", 17, 6)]
 F32 = lambda x: np.asarray(x, np.float32)
@@ -219,17 +216,18 @@ def _save_multi(tmp_path, cfg, params, task=None, name="m"):
     return str(checkpoint.save(tmp_path / name, params, cfg, meta))
 
 
-def test_merge_cli_p2_emr(tmp_path, multi):
+def test_merge_p2_emr(tmp_path, multi):
     cfg, pre, fts, stacked = multi
     base = _save_multi(tmp_path, cfg, pre)
     paths = [_save_multi(tmp_path, cfg, ft, t, f"ft_{t}") for ft, (t, _, _) in zip(fts, TASKS)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "launch.merge", "--config=configs/merge.py", "--config.pipeline=p2",
-           "--config.method=emr", f"--config.base={base}", f"--config.checkpoints={','.join(reversed(paths))}",
-           "--config.eval.episodes=2", "--config.eval.max_steps=8", "--config.eval_inputs=False",
-           f"--workdir={tmp_path / 'out'}"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # launch.merge's entry, in-process (the merge CLI itself: tests/test_pipelines.py, test_resume.py)
+    from cliargs import config_from_args
+    from mdt_jax.run import merge_from_config
+
+    args = ["--config=configs/merge.py", "--config.pipeline=p2", "--config.method=emr", f"--config.base={base}",
+            f"--config.checkpoints={','.join(reversed(paths))}", "--config.eval.episodes=2",
+            "--config.eval.max_steps=8", "--config.eval_inputs=False"]
+    merge_from_config(config_from_args(args), str(tmp_path / "out"))
     out = json.loads((tmp_path / "out" / "merge.json").read_text())
     assert out["merge"]["method"] == "emr" and out["merge"]["base"] == base and len(out["merge"]["rescalers"]) == 2
     rows = [row for row in out["rows"] if row["model"] == "p2_emr"]
@@ -238,9 +236,8 @@ def test_merge_cli_p2_emr(tmp_path, multi):
     assert meta["names"] == ["hopper", "walker2d"] and meta["metadata"]["merge"]["subset"] == "blocks"
     np.testing.assert_array_equal(stacked["task_walker2d"]["predict_action"]["kernel"][1],
                                   fts[1]["task_walker2d"]["predict_action"]["kernel"])
-    # the same config in-process: a base the finetunes cannot come from, or none, is refused, no merge written
+    # a base the finetunes cannot come from, or none, is refused, no merge written
     from configs.merge import get_config
-    from mdt_jax.run import merge_from_config
 
     config = get_config()
     config.update(dict(pipeline="p2", method="emr", checkpoints=",".join(paths), eval_inputs=False))

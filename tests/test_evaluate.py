@@ -143,10 +143,15 @@ def test_cli_writes_eval_json_and_refuses_non_dt(tmp_path):
     row = out["results"][0]
     assert row["task"] == "hopper" and row["episodes"] == 3
     assert row["return_over_target"] == pytest.approx(row["return_mean"] / 3600.0)
+    # a non-DT folder: launch.evaluate's entry refuses it (a ValueError: the CLI's exit 2,
+    # tests/test_bad_inputs.py), nothing written
+    from cliargs import config_from_args
+    from mdt_jax.run import evaluate_from_config
+
     (tmp_path / "junk").mkdir()
-    r = subprocess.run(cmd[:4] + [f"--config.checkpoint={tmp_path / 'junk'}", f"--workdir={tmp_path / 'o2'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "not an mdt_jax DT checkpoint" in r.stderr
+    with pytest.raises(ValueError, match="not an mdt_jax DT checkpoint"):
+        evaluate_from_config(config_from_args(cmd[:4] + [f"--config.checkpoint={tmp_path / 'junk'}"]),
+                             str(tmp_path / "o2"))
     assert not (tmp_path / "o2" / "eval.json").exists()
 
 

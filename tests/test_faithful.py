@@ -216,25 +216,27 @@ def test_no_decay_pattern_exempts_the_trunk_and_eps_is_used():
     np.testing.assert_allclose(flat(u6)["ln_f/bias"], -0.1 * 0.5, rtol=1e-4)
 
 
-def test_best_checkpoint_on_selection_episodes_next_to_last(tmp_path):
-    """The reference's --save_mode both, selecting on held-out (selection) episodes."""
+def test_best_checkpoint_on_selection_episodes_next_to_last(tmp_path, capsys):
+    """The reference's --save_mode both, selecting on held-out (selection) episodes; launch.train's
+    entry in-process (the CLI itself: tests/test_train.py)."""
     import json
-    import subprocess
-    import sys
 
-    from test_train import ROOT, _cli, _env, save_d4rl_hdf5
+    from cliargs import config_from_args
+    from test_train import _cli, save_d4rl_hdf5
     from synth import make_dataset
     from mdt_jax import checkpoint
+    from mdt_jax.run import train_from_config
 
     path = str(tmp_path / "d.hdf5")
     save_d4rl_hdf5(make_dataset(), path)
     w = tmp_path / "w"
-    r = subprocess.run(_cli(w, path, "--config.save_mode=both", "--config.eval_every=40", "--config.select_episodes=2",
-                            "--config.select_seed=77"), cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    capsys.readouterr()
+    train_from_config(config_from_args(_cli(w, path, "--config.save_mode=both", "--config.eval_every=40",
+                                            "--config.select_episodes=2", "--config.select_seed=77")), str(w))
+    stdout = capsys.readouterr().out
     best = json.loads((w / "best.json").read_text())
     assert best["step"] in (40, 80, 120) and best["selection"]["reset_seed"] == 77
-    scores = [float(line.split("selection score ")[1].split()[0]) for line in r.stdout.splitlines()
+    scores = [float(line.split("selection score ")[1].split()[0]) for line in stdout.splitlines()
               if line.startswith("eval step")]
     assert len(scores) == 3 and abs(max(scores) - best["score"]) < 0.01
     _, last, ml = checkpoint.load(w / "model")
@@ -243,9 +245,10 @@ def test_best_checkpoint_on_selection_episodes_next_to_last(tmp_path):
     if best["step"] == 120:
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(bp)))
     # eval_every without selection episodes: a clear error, nothing written
-    r = subprocess.run(_cli(tmp_path / "bad", path, "--config.eval_every=40"), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "select_episodes" in r.stderr and not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="select_episodes"):
+        train_from_config(config_from_args(_cli(tmp_path / "bad", path, "--config.eval_every=40")),
+                          str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_init_trunk_from_takes_blocks_and_ln_f_and_refuses_other_shapes(tmp_path):

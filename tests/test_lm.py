@@ -3,7 +3,6 @@ save_pretrained folders, checked against GPT2Model's own forward; the k-means co
 annealing weight and LM co-training; and the launch.train wiring."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -245,35 +244,40 @@ def test_lm_loss_decreases_and_aux_hook(lms, tmp_path):
     np.testing.assert_allclose(m["loss"], m["action_mse"] + m["aux_loss"], rtol=1e-5)
 
 
-def _launch(tmp, lm_dir, workdir, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("MDT_JAX_CACHE", os.path.join(ROOT, ".jax_cache")))
-    cmd = [sys.executable, "-m", "launch.train", "--config.task=hopper", f"--config.dataset={tmp / 'hopper.hdf5'}",
-           "--config.num_steps=3", "--config.steps_per_call=3", "--config.train.batch_size=4",
-           "--config.model.context_len=4", f"--config.model.hidden_size={H}", f"--config.model.n_layer={NL}",
-           f"--config.model.n_head={NH}", "--config.model.activation=gelu_new", f"--config.init_from_lm={lm_dir}",
-           "--config.lm_kmeans=8", f"--workdir={workdir}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+def _train_config(tmp, lm_dir, **over):
+    """configs/train.py with the overrides launch.train would get from `--config.x=y` flags."""
+    from configs.train import get_config
+
+    c = get_config()
+    c.task, c.dataset, c.num_steps, c.steps_per_call = "hopper", str(tmp / "hopper.hdf5"), 3, 3
+    c.train.batch_size, c.model.context_len, c.model.hidden_size, c.model.n_layer = 4, 4, H, NL
+    c.model.n_head, c.model.activation, c.init_from_lm, c.lm_kmeans = NH, "gelu_new", str(lm_dir), 8
+    for k, v in over.items():
+        c[k] = v
+    return c
 
 
-def test_launch_train_from_lm(lms, tmp_path):
+def test_train_from_lm(lms, tmp_path):
+    """launch.train's entry (run.train_from_config) with an LM init, k-means and co-training; the
+    CLI's exit codes for bad configs are checked in tests/test_train.py."""
+    from mdt_jax.run import train_from_config
+
     save_d4rl_hdf5(make_dataset(n_traj=4), tmp_path / "hopper.hdf5")
     np.save(tmp_path / "corpus.npy", np.arange(200, dtype=np.int32) % V)
-    r = _launch(tmp_path, lms[0] / "st", tmp_path / "run", f"--config.lm_tokens={tmp_path / 'corpus.npy'}",
-                "--config.lm_seq_len=16")
-    assert r.returncode == 0, r.stderr[-2000:]
+    train_from_config(_train_config(tmp_path, lms[0] / "st", lm_tokens=str(tmp_path / "corpus.npy"), lm_seq_len=16),
+                      str(tmp_path / "run"))
     cfg, params, meta = checkpoint.load(tmp_path / "run" / "model")
     assert cfg.hidden_size == H and meta["init_from_lm"]["folder"] == str(lms[0] / "st")
     assert meta["init_from_lm"]["config"]["n_embd"] == H and meta["init_from_lm"]["kmeans"] == 8
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"lm_kmeans", "lm_loss", "aux_loss"} <= set(logged[-1])
-    # a bad LM folder: a clear error, nonzero exit, nothing written
+    # a bad LM folder: a clear error naming the field (launch.train exits 2 on it), nothing written
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "config.json").write_text('{"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2}')
     (junk / "model.safetensors").write_bytes(b"not a safetensors file")
-    r = _launch(tmp_path, junk, tmp_path / "bad")
-    assert r.returncode == 2 and "config.init_from_lm" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    with pytest.raises(ValueError, match="config.init_from_lm"):
+        train_from_config(_train_config(tmp_path, junk), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
 
 

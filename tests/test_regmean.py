@@ -301,7 +301,7 @@ def test_save_load_round_trip_never_overwrites_and_refuses_bad_arrays(tmp_path):
 
 def test_cli_gram_then_merge_regmean_p1(tmp_path):
     """Two hopper DTs (independent inits, a few steps each): launch.gram for one, the same entry
-    in-process for the other, then launch.merge P1 with method=regmean."""
+    in-process for the other, then launch.merge's entry (P1, method=regmean)."""
     from configs import gram as gram_config, merge as merge_config, train as train_config
     from mdt_jax.run import merge_from_config, train_from_config
 
@@ -336,11 +336,12 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     for p, g in R.flat_grams(want).items():
         np.testing.assert_allclose(R.flat_grams(got)[p], g, rtol=1e-5, atol=1e-7, err_msg=p)
 
-    r = run("launch.merge", "--config=configs/merge.py", "--config.pipeline=p1", "--config.method=regmean",
-            f"--config.checkpoints={','.join(models)}", f"--config.grams={','.join(gdirs)}",
-            "--config.regmean_alpha=0.5", "--config.eval.episodes=1", "--config.eval.max_steps=5",
-            "--config.eval_inputs=False", f"--workdir={tmp_path / 'p1'}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    # launch.merge's entry, in-process (the merge CLI itself: tests/test_pipelines.py, test_resume.py)
+    from cliargs import config_from_args
+    merge_from_config(config_from_args([
+        "--config=configs/merge.py", "--config.pipeline=p1", "--config.method=regmean",
+        f"--config.checkpoints={','.join(models)}", f"--config.grams={','.join(gdirs)}", "--config.regmean_alpha=0.5",
+        "--config.eval.episodes=1", "--config.eval.max_steps=5", "--config.eval_inputs=False"]), str(tmp_path / "p1"))
     out = json.loads((tmp_path / "p1" / "merge.json").read_text())
     assert out["merge"]["method"] == "regmean" and out["merge"]["coefficients"] == {"alpha": 0.5}
     assert out["merge"]["grams"] == gdirs

@@ -1,6 +1,9 @@
 """The main job (mdt_jax.reproduce) end to end at tiny scale: schema, figures, cache hits, sanity."""
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,40 +12,26 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
+import tiny_study
 from mdt_jax import checkpoint, reproduce as R, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_FIELDS = {"pipeline", "model", "method", "task", "return_mean", "return_std", "normalized", "episodes", "seeds"}
 
 
-def tiny_config(tasks="hopper,walker2d"):
-    c = quickstart.get_config()
-    c.tasks, c.seeds = tasks, "0"
-    c.data.transitions, c.data.num_envs = 2000, 16
-    t = c.train
-    t.num_steps, t.steps_per_call, t.checkpoint_every = 20, 10, 20
-    t.model.hidden_size, t.model.n_layer, t.model.context_len = 16, 1, 5
-    t.train.batch_size, t.train.warmup_steps = 16, 10
-    c.large.hidden_size = 24
-    c.multi.model.hidden_size, c.multi.model.n_head = 24, 2
-    c.multi.num_steps, c.multi.batch_size, c.multi.finetune_steps = 20, 16, 10
-    c.p1_finetune.num_steps = 10
-    c.fisher.num_batches, c.fisher.batch_size = 2, 16
-    c.merge.lerp_ps, c.merge.ta_lams, c.merge.ties_ks, c.merge.dare_ps = "0,1", "1", "0.5", "0.3"
-    c.eval.episodes, c.eval.max_steps, c.eval.select_seeds = 2, 50, "1000"
-    c.pretrain.transitions, c.pretrain.num_steps, c.pretrain.batch_size = 2000, 20, 16
-    c.bootstrap_reps = 200
-    c.search.popsize, c.search.generations, c.search.episodes = 2, 1, 1
-    return c
+tiny_config = tiny_study.get_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("repro") / "run")
     t0 = time.perf_counter()
-    table = R.reproduce(tiny_config(), workdir)
-    return workdir, table, time.perf_counter() - t0
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the stage log, for the kill test's kill points
+        table = R.reproduce(tiny_config(), workdir)
+    took = time.perf_counter() - t0
+    sys.stdout.write(log.getvalue())
+    return workdir, table, took, log.getvalue()
 
 
 def _is_png(path):
@@ -51,7 +40,7 @@ def _is_png(path):
 
 
 def test_results_schema_tables_and_figures(tiny_run):
-    workdir, table, _ = tiny_run
+    workdir, table, _, _ = tiny_run
     with open(os.path.join(workdir, "results.json")) as f:
         res = json.load(f)
     rows = res["rows"]
@@ -96,7 +85,7 @@ def test_results_schema_tables_and_figures(tiny_run):
 
 
 def test_common_init_shares_the_trunk_and_merges_are_finite(tiny_run):
-    workdir, _, _ = tiny_run
+    workdir, _, _, _ = tiny_run
     sdir = os.path.join(workdir, "seed_0")
     trunk = lambda p: {k: v for k, v in p.items() if k.startswith("block_") or k == "ln_f"}
     common = [checkpoint.load(os.path.join(sdir, f"dt_common_{t}", "model")).params for t in ("hopper", "walker2d")]
@@ -137,7 +126,7 @@ def test_common_init_shares_the_trunk_and_merges_are_finite(tiny_run):
 
 
 def test_rerun_is_a_cache_hit(tiny_run):
-    workdir, table, first = tiny_run
+    workdir, table, first, _ = tiny_run
     with open(os.path.join(workdir, "results.json"), "rb") as f:
         before = f.read()
     t0 = time.perf_counter()
@@ -232,3 +221,67 @@ def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
     rnd = R.random_policy_rows(["hopper"], episodes=E, max_steps=300, seed=1)[0]
     se = np.hypot(dt.std(), rnd["return_std"]) / np.sqrt(E)
     assert dt.mean() > rnd["return_mean"] + 3 * se, (dt.mean(), rnd["return_mean"], se)
+
+
+# the CLI runs share the tests' persistent compilation cache (conftest.py) with the in-process study
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+           JAX_COMPILATION_CACHE_DIR=os.environ.get("MDT_JAX_CACHE", os.path.join(ROOT, ".jax_cache")))
+
+
+def _stage_markers(log: str) -> list[str]:
+    """The stage lines of a study's log (`[reproduce HH:MM:SS] train dt_common_hopper`), in order,
+    less the per-seed and final lines that every run prints."""
+    msgs = [ln.split("] ", 1)[1] for ln in log.splitlines() if ln.startswith("[reproduce ")]
+    return [m for m in msgs if not m.startswith(("seed ", "done in "))]
+
+
+def _run_until_killed(cmd, marker: str, delay: float, stderr) -> bool:
+    """Start `cmd`; once its log prints the stage line `marker`, wait `delay` s (into the stage) and
+    SIGKILL it. Returns whether it was still running when killed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    for line in proc.stdout:
+        if line.startswith("[reproduce ") and line.rstrip("\n").split("] ", 1)[1] == marker:
+            time.sleep(delay)
+            break
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    return alive and proc.returncode == -signal.SIGKILL
+
+
+def test_study_killed_three_times_then_rerun_gives_the_uninterrupted_results(tiny_run, tmp_path):
+    """`launch.reproduce` SIGKILLed at three random points of the tiny study (one stage line drawn
+    from each third of the uninterrupted run's stage log, then up to 1.5 s into that stage: mid
+    training, mid Fisher, mid evaluation or mid write), rerun after each kill, and run once more to
+    completion: results.json and results.md equal the uninterrupted in-process run's. The rows name
+    their checkpoints by absolute path, so each run's workdir is replaced by one token first;
+    results.json holds no wall-clock field."""
+    ref_dir, _, _, log = tiny_run
+    markers = _stage_markers(log)
+    assert len(markers) >= 30, markers
+    rng = np.random.default_rng(0)
+    once = [i for i, m in enumerate(markers) if markers.count(m) == 1]  # "train mt" is pretrain/mt and seed_0/mt
+    thirds = np.array_split(np.asarray(once), 3)
+    points = [(int(rng.choice(part)), float(rng.uniform(0.0, 1.5))) for part in thirds]
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "launch.reproduce", "--config=tests/tiny_study.py", f"--workdir={workdir}"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        for k, delay in points:
+            assert _run_until_killed(cmd, markers[k], delay, err), (markers[k], delay)
+            assert not os.path.exists(os.path.join(workdir, "results.json"))
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the last run redid only the stages from the last kill point on: every earlier one was cached
+    rest = _stage_markers(r.stdout)
+    assert rest == markers[len(markers) - len(rest):] and len(markers) - len(rest) >= points[-1][0], (points, rest)
+
+    def text(d, name):
+        with open(os.path.join(d, name)) as f:
+            return f.read().replace(os.path.abspath(d), "<workdir>")
+    ref, got = json.loads(text(ref_dir, "results.json")), json.loads(text(workdir, "results.json"))
+    assert set(ref) == set(got)
+    for key in ref:
+        assert got[key] == ref[key], key
+    assert text(workdir, "results.md") == text(ref_dir, "results.md")
