@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import zlib
 from typing import Callable, Sequence
 
@@ -418,3 +419,42 @@ def evaluate_sequential(cfg: DTConfig, params, task: str, stats: TaskStats, *, e
         lens.append(n)
         nans.append(bad)
     return TaskResult(task.name, np.asarray([rets]), np.asarray([lens]), np.asarray([nans]), stats.target_return)
+
+
+def evaluate_checkpoint(path: str, tasks=(), *, episodes: int = 10, max_steps: int = 1000, seed: int = 0,
+                        executor: str = "auto", target_return: float = 0.0, progress: bool = True) -> dict:
+    """Evaluate the DT checkpoint at `path` on `tasks` (default: its own) with its own normalisers;
+    `target_return` 0 takes each task's paper target. Returns the eval.json report: per-task
+    summaries, every episode's return and length, the executor, the wall time."""
+    import time
+
+    from tqdm import tqdm
+
+    from mdt_jax import checkpoint
+
+    if not path:
+        raise ValueError("config.checkpoint: no checkpoint given")
+    if target_return < 0:
+        raise ValueError(f"config.target_return: must be >= 0, got {target_return}")
+    model = checkpoint.load(path)
+    if not model.norms:
+        raise ValueError(f"config.checkpoint: {path} has no normalisation stats (not a trained DT policy)")
+    tasks = list(tasks) or (list(model.cfg.task_names) if model.cfg.multi else [model.metadata.get("task")])
+    stats = {}
+    for t in tasks:
+        envs.get_task(t)
+        try:
+            stats[t] = TaskStats.of(model.norm(t), target_return or envs.target_return(t))
+        except ValueError as e:
+            raise ValueError(f"config.checkpoint: {e}") from None
+    bar = tqdm(total=episodes * max_steps * len(tasks), unit="env-step", unit_scale=True, desc="evaluate",
+               dynamic_ncols=True, disable=not progress)
+    t0 = time.perf_counter()
+    results = evaluate(model.cfg, model.params, tasks, stats, episodes=episodes, max_steps=max_steps, seed=seed,
+                       executor=executor, progress=bar.update)
+    bar.close()
+    return {"checkpoint": os.path.abspath(path), "executor": envs.resolve_executor(executor), "seed": seed,
+            "wall_s": time.perf_counter() - t0, "env_steps": int(sum(r.lengths.sum() for r in results)),
+            "results": [r.summary() for r in results],
+            "episodes": {r.task: {"returns": r.returns[0].tolist(), "lengths": r.lengths[0].tolist()}
+                         for r in results}}

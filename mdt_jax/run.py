@@ -76,48 +76,20 @@ def gram_from_config(config, workdir: str) -> str:
 
 
 def evaluate_from_config(config, workdir: str) -> str:
-    """Run configs/evaluate.py: load the checkpoint, evaluate, write `workdir/eval.json`; returns the table."""
-    import time
+    """Run configs/evaluate.py (`evaluate.evaluate_checkpoint`): write `workdir/eval.json`; returns the table."""
+    from mdt_jax import evaluate as ev
 
-    from tqdm import tqdm
-
-    from mdt_jax import envs, evaluate as ev
-
-    if not config.checkpoint:
-        raise ValueError("config.checkpoint: no checkpoint given")
     for f in ("episodes", "max_steps"):
         if config[f] <= 0:
             raise ValueError(f"config.{f}: must be a positive int, got {config[f]}")
-    model = checkpoint.load(config.checkpoint)
-    cfg, params = model.cfg, model.params
-    if not model.norms:
-        raise ValueError(f"config.checkpoint: {config.checkpoint} has no normalisation stats "
-                         "(not a trained DT policy)")
-    own = list(cfg.task_names) if cfg.multi else [model.metadata.get("task")]
-    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] or own
-    for t in tasks:
-        envs.get_task(t)
-    if config.target_return < 0:
-        raise ValueError(f"config.target_return: must be >= 0, got {config.target_return}")
-    stats = {t: ev.TaskStats.of(_norm(model, t), config.target_return or envs.target_return(t)) for t in tasks}
-    out = os.path.join(workdir, "eval.json")
+    report = ev.evaluate_checkpoint(config.checkpoint, split_list(config.tasks), episodes=config.episodes,
+                                    max_steps=config.max_steps, seed=config.seed, executor=config.executor,
+                                    target_return=config.target_return)
     os.makedirs(workdir, exist_ok=True)
-    total = config.episodes * config.max_steps * len(tasks)
-    bar = tqdm(total=total, unit="env-step", unit_scale=True, desc="evaluate", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    results = ev.evaluate(cfg, params, tasks, stats, episodes=config.episodes, max_steps=config.max_steps,
-                          seed=config.seed, executor=config.executor, progress=bar.update)
-    bar.close()
-    wall = time.perf_counter() - t0
-    rows = [r.summary() for r in results]
-    report = {"checkpoint": os.path.abspath(config.checkpoint), "executor": envs.resolve_executor(config.executor),
-              "seed": config.seed, "wall_s": wall, "env_steps": int(sum(r.lengths.sum() for r in results)),
-              "results": rows, "episodes": {r.task: {"returns": r.returns[0].tolist(),
-                                                     "lengths": r.lengths[0].tolist()} for r in results}}
-    write_json_atomic(out, report)
-    nan = sum(r["nan_action_steps"] for r in rows)
+    write_json_atomic(os.path.join(workdir, "eval.json"), report)
+    nan = sum(r["nan_action_steps"] for r in report["results"])
     warn = f"\nwarning: {nan} steps had non-finite actions (replaced by 0)" if nan else ""
-    return results_table(rows) + warn
+    return results_table(report["results"]) + warn
 
 
 def collect_from_config(config, workdir: str) -> str:
