@@ -246,3 +246,21 @@ def test_behaviour_backend_choice():
     assert behaviour_backend("auto") == ("brax" if jax.default_backend() in ("gpu", "tpu") else "native")
     with pytest.raises(ValueError, match="config.backend: unknown 'mjx'"):
         behaviour_backend("mjx")
+
+
+def test_collection_does_not_depend_on_the_blas_thread_count(tmp_path):
+    """The NumPy actor runs with one BLAS thread whatever OPENBLAS_NUM_THREADS says: a process with
+    two BLAS threads writes the same bytes as this one (the test session pins one)."""
+    import subprocess
+    import sys
+
+    from mdt_jax.behaviour.datasets import collect_dataset
+
+    here = collect_dataset("walker2d", "medium", 3000, str(tmp_path / "one.hdf5"), seed=3, num_envs=16)
+    code = ("from mdt_jax.behaviour.datasets import collect_dataset; "
+            f"collect_dataset('walker2d', 'medium', 3000, {str(tmp_path / 'two.hdf5')!r}, seed=3, num_envs=16)")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(here, "rb") as f, open(tmp_path / "two.hdf5", "rb") as g:
+        assert f.read() == g.read()

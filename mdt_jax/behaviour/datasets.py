@@ -44,6 +44,20 @@ def collect_dataset(task: str, quality: str, transitions: int, path: str, *, see
                     num_envs: int = 64, slot_steps: int = 4000) -> str:
     """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
 
+    The NumPy actor runs with one BLAS thread: OpenBLAS's multi-threaded sgemm sums in another
+    order, so without the limit the same seed gave other actions (other bytes) on another thread
+    count. See `_collect_dataset` for the qualities and the resumable waves."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _collect_dataset(task, quality, transitions, path, seed=seed, num_envs=num_envs,
+                                slot_steps=slot_steps)
+
+
+def _collect_dataset(task: str, quality: str, transitions: int, path: str, *, seed: int = 0,
+                    num_envs: int = 64, slot_steps: int = 4000) -> str:
+    """Make (or reuse, if `path` exists) a dataset of `quality` for `task`; returns the path.
+
     random: uniform actions in [-1, 1]. medium / expert: the committed behaviour policies
     (`mdt_jax/behaviour/policies/<task>/<quality>`), sampled stochastically as D4RL's data was.
     medium-expert: the medium and the expert datasets of `transitions` each, concatenated (as
