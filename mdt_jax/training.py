@@ -281,9 +281,9 @@ def train_run(config: TrainRun, workdir: str) -> str:
         meta |= {"init_trunk_from": os.path.abspath(config.init_trunk_from)}
     state = fit(cfg, tcfg, data, num_steps=config.num_steps, workdir=workdir, seed=config.seed, params=params,
                 steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every, sample=sample, desc=f"train {config.task}", mesh=mesh, aux_loss=aux,
+                log_every=config.log_every, sample=sample, desc=f"train {','.join(config.task)}", mesh=mesh, aux_loss=aux,
                 eval_every=eval_every, on_eval=on_eval)
-    meta |= {"dataset": config.dataset, "steps": int(state.step),
+    meta |= {"dataset": ",".join(config.dataset), "steps": int(state.step),
              "seed": int(config.seed), "init_seed": int(init_seed), "train": dict(config.train)}
     params = jax.device_get(state.params)
     save_mode = config.save_mode
