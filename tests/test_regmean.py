@@ -303,7 +303,7 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     """Two hopper DTs (independent inits, a few steps each): launch.gram for one, the same entry
     in-process for the other, then launch.merge's entry (P1, method=regmean)."""
     from configs import gram as gram_config, merge as merge_config, train as train_config
-    from mdt_jax.run import merge_from_config, train_from_config
+    from mdt_jax.run import gram_from_config, merge_from_config, train_from_config
 
     save_d4rl_hdf5(make_dataset(n_traj=6, seed=0), str(tmp_path / "hopper.hdf5"))
     models = []
@@ -324,7 +324,7 @@ def test_cli_gram_then_merge_regmean_p1(tmp_path):
     assert "Grams of 4 trunk Linears over 3 batches" in r.stdout
     c = gram_config.get_config()  # the entry launch.gram calls, in-process for the second model
     c.checkpoint, c.dataset, c.num_batches, c.batch_size = models[1], str(tmp_path / "hopper.hdf5"), 3, 8
-    run.gram_from_config(c, gdirs[1])
+    gram_from_config(c, gdirs[1])
     # the CLI normalised states with the checkpoint's own stats: recomputing here gives the same Grams
     model = checkpoint.load(models[0])
     cfg, params = model.cfg, model.params
