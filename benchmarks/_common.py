@@ -57,6 +57,6 @@ def common_keys(*, warm_s: float, cold_s: float, peer_s: float | None = None,
 
 def common_line(keys: dict) -> str:
     """One printed line of the common keys (None shown as '-')."""
-    f = lambda k, fmt: "-" if keys[k] is None else format(keys[k], fmt)
-    return (f"ours cold {f('cold_s', '.2f')} s, warm {f('warm_s', '.2f')} s; speedup {f('speedup', '.2f')}x "
-            f"(vs batched peer {f('speedup_vs_batched', '.2f')}x); FLOP floor fraction {f('floor_fraction', '.2f')}")
+    f = lambda k, fmt, unit="": "-" if keys[k] is None else format(keys[k], fmt) + unit
+    return (f"ours cold {f('cold_s', '.2f', ' s')}, warm {f('warm_s', '.2f', ' s')}; speedup {f('speedup', '.2f', 'x')} "
+            f"(vs batched peer {f('speedup_vs_batched', '.2f', 'x')}); FLOP floor fraction {f('floor_fraction', '.2f')}")

@@ -51,7 +51,7 @@ def test_replay_catches_a_different_action():
 def test_common_keys():
     k = C.common_keys(warm_s=2.0, cold_s=5.0, peer_s=8.0, floor_s=1.0)
     assert k == {"speedup": 4.0, "speedup_vs_batched": None, "floor_fraction": 0.5, "cold_s": 5.0, "warm_s": 2.0}
-    assert "vs batched peer -x" in C.common_line(k)
+    assert "speedup 4.00x (vs batched peer -)" in C.common_line(k)
     for bad in (dict(warm_s=0.0, cold_s=1.0), dict(warm_s=float("nan"), cold_s=1.0),
                 dict(warm_s=1.0, cold_s=None), dict(warm_s=1.0, cold_s=1.0, peer_s=-1.0),
                 dict(warm_s=1.0, cold_s=1.0, floor_s=np.inf)):
