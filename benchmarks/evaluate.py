@@ -371,19 +371,22 @@ class Batched:
                 "loop_steps": calls, "trace": trace}
 
 
-def cross_check(task: str, cfg: DTConfig, dt, stats: ev.TaskStats, episodes: int, steps: int, threads: int) -> dict:
+def cross_check(task: str, cfg: DTConfig, dt, stats: ev.TaskStats, episodes: int, steps: int, threads: int,
+                replayed: int = 4) -> dict:
     """The batched torch peer's actions against the batch-1 peer's (the same weights) for the same
-    histories: a short batched run is recorded, then each episode's history is replayed through
-    the batch-1 `get_action`. Returns the max |difference| over every action entry and step."""
+    histories: a short batched run of all `episodes` (the benchmark's batch, so its rounding) is
+    recorded, then the first `replayed` episodes' histories are replayed through the batch-1
+    `get_action`. Returns the max |difference| over every action entry and step."""
     starts = ev.reset_states(envs.get_task(task), episodes, SEED)
     b = Batched(task, starts, cfg, dt, stats, episodes, steps)
     b.threads = threads
     out = b.run(record=True)
     seq = Sequential(task, starts, cfg, dt, stats, steps)
     seq.threads = threads
-    diffs = [seq.replay(tr["obs"], tr["rewards"], tr["actions"]) for tr in out["trace"]]
-    return {"episodes": episodes, "steps": int(out["lengths"].sum()), "max_abs_diff": max(diffs), "tol": CHECK_TOL,
-            "ok": bool(max(diffs) <= CHECK_TOL)}
+    trace = out["trace"][:replayed]
+    diffs = [seq.replay(tr["obs"], tr["rewards"], tr["actions"]) for tr in trace]
+    return {"batch": episodes, "episodes": len(trace), "steps": sum(len(tr["actions"]) for tr in trace),
+            "max_abs_diff": max(diffs), "tol": CHECK_TOL, "ok": bool(max(diffs) <= CHECK_TOL)}
 
 
 def median_time(f, n: int) -> float:
@@ -441,8 +444,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
         probe = seq.set_threads(args.torch_threads)  # also warms the torch model up
         bat = Batched(task, ev.reset_states(envs.get_task(task), E, SEED), cfg, dt, st, E, args.max_steps)
         probe_b = bat.set_threads(args.torch_threads)
-        r["check"] = cross_check(task, cfg, dt, st, min(E, 4), min(args.max_steps, 2 * cfg.context_len + 5),
-                                 bat.threads)
+        r["check"] = cross_check(task, cfg, dt, st, E, min(args.max_steps, 2 * cfg.context_len + 5), bat.threads)
     warm, warm_cpu, seq_cpu, bruns, bat_cpu = [], [], 0.0, [], []
     episodes = list(range(args.sequential_episodes))
     for i in range(args.repeats):  # interleave: a share of the batch-1 episodes, a warm run of ours, the batched peer
@@ -464,6 +466,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
     r |= {"policy_steps": steps, "batched_s": statistics.median(warm), "batched_runs_s": warm,
           "batched_cpu_s": statistics.median(warm_cpu), "compile_s_approx": cold - statistics.median(warm),
           "return_mean": float(res.returns.mean()), "length_mean": float(res.lengths.mean()),
+          "lengths": res.lengths[0].tolist(),
           "normalized": float(envs.normalized_score(task, res.returns.mean()))}
     if not peers:
         return r
@@ -576,9 +579,7 @@ def main(argv=None):
         cfg, params = model(task, args.hidden, args.layers, args.context)
         r = bench_task(task, cfg, params, stats_for(task), args, peers=True)
         if not args.no_breakdown:
-            res = ev.evaluate(cfg, params, [task], {task: stats_for(task)}, episodes=args.episodes,
-                              max_steps=args.max_steps, seed=SEED, executor="native")[0]
-            r["breakdown"] = breakdown(cfg, params, task, args.episodes, res.lengths)
+            r["breakdown"] = breakdown(cfg, params, task, args.episodes, np.asarray([r["lengths"]]))
         out["tasks"][task] = r
     out |= totals(list(out["tasks"].values()), peak, True)
     out["load_avg_1min"] = os.getloadavg()[0]
@@ -595,7 +596,8 @@ def main(argv=None):
           "policy steps")
     for task, r in out["tasks"].items():
         c = r["check"]
-        print(f"  {task:12} batched vs batch-1 torch actions on the same histories ({c['episodes']} episodes, "
+        print(f"  {task:12} batched (batch {c['batch']}) vs batch-1 torch actions on the same histories "
+              f"({c['episodes']} episodes, "
               f"{c['steps']} steps): max |diff| {c['max_abs_diff']:.2e} ({'ok' if c['ok'] else 'FAILED'}, tol "
               f"{c['tol']:.0e}); returns vs ours: batch-1 max rel diff {r['sequential_return_max_rel_diff']:.2g}, "
               f"batched {r['torch_batched_return_max_rel_diff']:.2g} ({r['torch_batched_policy_steps']} policy steps)")

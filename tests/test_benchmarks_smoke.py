@@ -27,7 +27,7 @@ def test_evaluate_toy_json(tmp_path):
     assert out["speedup"] == pytest.approx(out["sequential_s"] / out["warm_s"])
     assert out["speedup_vs_batched"] == pytest.approx(out["torch_batched_s"] / out["warm_s"])
     r = out["tasks"]["hopper"]
-    assert r["check"]["ok"] and r["check"]["steps"] > 4 * 2  # windows rolled past K in both episodes
+    assert r["check"]["ok"] and r["check"]["batch"] == 2 and r["check"]["steps"] > 4 * 2  # windows rolled past K
     # the peers ran the same episodes as ours: same starts, same weights
     assert r["torch_batched_return_max_rel_diff"] < 1e-4 and r["sequential_return_max_rel_diff"] < 1e-4
     with pytest.raises(SystemExit):  # an existing --json is never overwritten
