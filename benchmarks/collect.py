@@ -96,7 +96,8 @@ def main():
     print(f"peer (gymnasium, batch 1)         : {a.transitions / peer:7.1f} s extrapolated "
           f"({peer:,.0f} transitions/s over {a.peer_steps:,} steps)")
     print(f"{common_line(out)} (warm: median of runs 2..{a.repeats}; = the first run with --repeats 1)")
-    print(f"speedup of the first run: {ours / peer:.2f}x   target: {a.transitions:,} in <= 180 s: {'met' if ours_s <= 180 else 'NOT met'}")
+    print(f"speedup of the first run: {ours / peer:.2f}x   target: {a.transitions:,} in <= 180 s: "
+          f"{'met' if ours_s <= 180 else 'NOT met'}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -514,7 +514,7 @@ def totals(rows: list[dict], peak: float, peers: bool) -> dict:
 
 
 def print_table(out: dict, peak: float, peers: bool) -> None:
-    f = lambda x, fmt: "-" if x is None else format(x, fmt)
+    f = lambda x, fmt, unit="": "-" if x is None else format(x, fmt) + unit
     print(f"{'task':12} {'policy':>7} {'ours s':>7} {'cold s':>7} {'orig ms/step':>12} {'(policy+env)':>13} "
           f"{'orig s':>7} {'batched s':>9} {'(policy+env)':>13} {'speedup':>7} {'vs batched':>10} {'floor s':>7}")
     for task, r in out["tasks"].items():
@@ -527,8 +527,8 @@ def print_table(out: dict, peak: float, peers: bool) -> None:
               + f"{r['flops_last'] * r['policy_steps'] / (peak * 1e9):7.2f}")
     print(f"{'total':12} {out['policy_steps']:7d} {out['batched_s']:7.2f} {out['batched_cold_s']:7.2f} "
           f"{f(out.get('sequential_ms_per_step'), '12.2f'):>12} {'':13} {f(out.get('sequential_s'), '7.1f'):>7} "
-          f"{f(out.get('torch_batched_s'), '9.2f'):>9} {'':13} {f(out['speedup'], '6.1f') + 'x':>7} "
-          f"{f(out['speedup_vs_batched'], '9.2f') + 'x':>10} {out['floor_s']:7.2f}")
+          f"{f(out.get('torch_batched_s'), '9.2f'):>9} {'':13} {f(out['speedup'], '6.1f', 'x'):>7} "
+          f"{f(out['speedup_vs_batched'], '9.2f', 'x'):>10} {out['floor_s']:7.2f}")
     print(common_line(out))
 
 
