@@ -1,4 +1,7 @@
-"""Shared timing helpers for the benchmarks."""
+"""Shared timing code for the benchmarks: the matmul peak and the keys every `--json` carries."""
+from __future__ import annotations
+
+import math
 import statistics
 import time
 
@@ -17,3 +20,43 @@ def matmul_peak(repeats: int = 10, n: int = 2048) -> float:
         f(a).block_until_ready()
         ts.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+COMMON_KEYS = ("speedup", "speedup_vs_batched", "floor_fraction", "cold_s", "warm_s")
+
+
+def _seconds(name: str, x, optional: bool) -> float | None:
+    if x is None and optional:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {x!r}")
+    return float(x)
+
+
+def common_keys(*, warm_s: float, cold_s: float, peer_s: float | None = None,
+                batched_peer_s: float | None = None, floor_s: float | None = None) -> dict:
+    """The keys every benchmark's `--json` has, beside its own, for the same work:
+
+    - `warm_s`: ours, a call after the first (compilation done), seconds;
+    - `cold_s`: ours, the first call of the process (compilation included), seconds;
+    - `speedup`: `peer_s / warm_s`, the one-at-a-time peer (batch 1, sequential) against our warm time;
+    - `speedup_vs_batched`: `batched_peer_s / warm_s`, the peer run batched (None: no batched peer);
+    - `floor_fraction`: `floor_s / warm_s`, the analytic FLOP floor at the measured matmul peak as a
+      fraction of our warm time (None: no floor counted).
+
+    A missing peer or floor gives None. Raises ValueError on a negative, non-finite or missing time.
+    """
+    warm = _seconds("warm_s", warm_s, False)
+    if warm <= 0:
+        raise ValueError(f"warm_s must be > 0, got {warm_s!r}")
+    ratio = lambda name, x: None if (v := _seconds(name, x, True)) is None else v / warm
+    return {"speedup": ratio("peer_s", peer_s), "speedup_vs_batched": ratio("batched_peer_s", batched_peer_s),
+            "floor_fraction": ratio("floor_s", floor_s), "cold_s": _seconds("cold_s", cold_s, False),
+            "warm_s": warm}
+
+
+def common_line(keys: dict) -> str:
+    """One printed line of the common keys (None shown as '-')."""
+    f = lambda k, fmt, unit="": "-" if keys[k] is None else format(keys[k], fmt) + unit
+    return (f"ours cold {f('cold_s', '.2f', ' s')}, warm {f('warm_s', '.2f', ' s')}; speedup {f('speedup', '.2f', 'x')} "
+            f"(vs batched peer {f('speedup_vs_batched', '.2f', 'x')}); FLOP floor fraction {f('floor_fraction', '.2f')}")

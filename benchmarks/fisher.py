@@ -12,6 +12,11 @@ exact / faithful. The target is exact / faithful <= 2.
 (per-example dropout, every per-example gradient tree materialised), with the squares summed by
 `jnp.sum(g * g, 0)` and by the unrolled sum that mdt_jax.fisher uses (XLA:CPU's reduce over the
 major axis of a large array is slow).
+
+`--json` carries the common keys (`benchmarks/_common.py`) for ours, the exact Fisher, per call of
+`--batches` batches: `cold_s` (its first, compiling call), `warm_s` (median), `speedup` = the
+`jnp.sum` vmap(grad) baseline / ours with `--baselines` (else null), `speedup_vs_batched` and
+`floor_fraction` null (no batched peer, no FLOP floor counted).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import common_keys, common_line  # noqa: E402
 from mdt_jax.fisher import sum_squares, fisher_from_batches  # noqa: E402
 from mdt_jax.models import DTConfig, init_params  # noqa: E402
 from mdt_jax.train import action_loss  # noqa: E402
@@ -85,8 +91,11 @@ def run(batches: int = 4, repeats: int = 7, batch_size: int = 64, hidden_size: i
         for name, reduce in (("vmap_grad_sum0", lambda g: jnp.sum(g * g, 0)), ("vmap_grad_unrolled", sum_squares)):
             fn = vmap_grad_fisher(cfg, reduce)
             calls[name] = lambda fn=fn: jax.block_until_ready(fn(params, data, rng))
-    for call in calls.values():
+    cold = {}
+    for m, call in calls.items():
+        t = time.perf_counter()
         call()  # compile
+        cold[m] = time.perf_counter() - t
     times = {m: [] for m in calls}
     for _ in range(repeats):
         for m, call in calls.items():
@@ -98,6 +107,10 @@ def run(batches: int = 4, repeats: int = 7, batch_size: int = 64, hidden_size: i
     for name in ("vmap_grad_sum0", "vmap_grad_unrolled"):
         if name in times:
             out[f"{name}_over_faithful"] = out[f"{name}_ms_per_batch"] / out["faithful_ms_per_batch"]
+    base = "vmap_grad_sum0" if baselines else None  # the straightforward exact Fisher, the peer of ours
+    out |= common_keys(warm_s=statistics.median(times["exact"]) * batches, cold_s=cold["exact"],
+                       peer_s=statistics.median(times[base]) * batches if base else None)
+    out["cold_s_by_method"] = cold
     out["setup"] = {"hidden_size": hidden_size, "n_layer": n_layer, "context_len": 20, "batch_size": batch_size,
                     "batches_per_call": batches, "repeats": repeats, "subset": "blocks",
                     "device": str(jax.devices()[0].platform)}
@@ -122,6 +135,7 @@ def main():
         if f"{name}_ms_per_batch" in res:
             print(f"  baseline exact via {what}: {res[f'{name}_ms_per_batch']:.1f} ms "
                   f"({res[f'{name}_over_faithful']:.2f}x faithful)")
+    print(f"  exact, one call of {args.batches} batches: {common_line(res)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -12,6 +12,11 @@ reference's), with and without trace normalisation:
 Cases: every seed of a quickstart-style study (`--workdir`, if it exists), and three random
 H512 L3 4-head multi-task DTs (the paper's multi-task size) with Gamma-distributed Fishers of the
 magnitude a real Fisher has at that size.
+
+`--json` holds the cases by name and, beside them, the common keys (`benchmarks/_common.py`) for
+the H512 cases' computation, run twice: `cold_s` (the first call, compilation included), `warm_s`
+(the second); there is no peer and no FLOP floor, so `speedup`, `speedup_vs_batched` and
+`floor_fraction` are null.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import glob
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import common_keys, common_line  # noqa: E402
 from mdt_jax import merge as M, pipelines as P  # noqa: E402
 
 
@@ -104,14 +111,21 @@ def main():
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     cases = study_cases(args.workdir) if os.path.isdir(args.workdir) else {}
+    t = time.perf_counter()
     cases |= h512_case()
+    cold_s = time.perf_counter() - t
+    t = time.perf_counter()
+    h512_case()
+    warm_s = time.perf_counter() - t
+    keys = common_keys(warm_s=warm_s, cold_s=cold_s)
     print(f"{'case':44s} {'norm rel_l2':>11s} {'norm max/spr':>12s} {'raw rel_l2':>10s} {'raw max/spr':>11s}")
     for k, v in cases.items():
         print(f"{k:44s} {v['normalized']['rel_l2']:11.4f} {v['normalized']['max_over_spread']:12.4f} "
               f"{v['raw']['rel_l2']:10.4f} {v['raw']['max_over_spread']:11.4f}")
+    print(f"the H512 cases (inputs drawn, old and new merges, with and without normalisation): {common_line(keys)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(cases, f, indent=1)
+            json.dump(cases | keys, f, indent=1)
 
 
 if __name__ == "__main__":

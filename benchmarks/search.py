@@ -15,7 +15,8 @@ of M per-block coefficient vectors (theta ~ N(0, 0.5^2), the `mdt_jax.search` sp
     timed warm (after one untimed run that compiles them: `sequential_s`).
 
 Prints both, `speedup` = sequential_s / warm_s, and how far the M fitnesses of (a) and (b) lie
-apart; `--json` writes the numbers.
+apart; `--json` writes the numbers with the common keys (`benchmarks/_common.py`; no batched peer
+and no FLOP floor here, so `speedup_vs_batched` and `floor_fraction` are null).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import common_keys, common_line  # noqa: E402
 from mdt_jax import envs, evaluate as ev, search as S  # noqa: E402
 from mdt_jax.models import DTConfig, count_params, init_params  # noqa: E402
 
@@ -79,7 +81,8 @@ def run(candidates: int, episodes: int, max_steps: int, hidden: int, layers: int
             "executor": envs.resolve_executor(executor), "env_steps_per_generation": steps,
             "cold_s": cold_s, "warm_s": warm_s, "sequential_s": sequential_s, "speedup": sequential_s / warm_s,
             "identical_task_returns": float(same),
-            "fitness_max_abs_diff": float(np.max(np.abs(fit_seq - fit_batched)))}
+            "fitness_max_abs_diff": float(np.max(np.abs(fit_seq - fit_batched)))} | common_keys(
+        warm_s=warm_s, cold_s=cold_s, peer_s=sequential_s)
 
 
 def main():
@@ -101,6 +104,7 @@ def main():
     print(f"  {res['candidates']} sequential merge + evaluate (warm):  {res['sequential_s']:.2f} s")
     print(f"  speedup {res['speedup']:.2f}x; {100 * res['identical_task_returns']:.0f}% of (candidate, task) "
           f"returns bit-identical, fitness within {res['fitness_max_abs_diff']:.2g}")
+    print(f"  {common_line(res)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

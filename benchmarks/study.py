@@ -30,7 +30,10 @@ their ratio (> 1 means grouping is faster per model), a recommendation (group wh
 above 1.05), and the FLOP floor fraction: the analytic matmul FLOPs of one training step
 (`step_flops`) over the measured float32 matmul peak (`benchmarks/_common.py::matmul_peak`), divided
 by the measured time per model step. `--json` writes, per shape, `speedup`, `floor_fraction`
-({alone, grouped}), `cold_s` and `warm_s` ({alone, grouped}, whole calls) and the figures behind them.
+({alone, grouped}), `cold_s` and `warm_s` ({alone, grouped}, whole calls) and the figures behind them;
+at the top level, the common keys (`benchmarks/_common.py`) summed over the shapes: `warm_s`/`cold_s`
+of the grouped calls, `speedup` = G x alone warm / grouped warm, `floor_fraction` = G x steps x the
+floor / grouped warm, `speedup_vs_batched` null (the grouped call is ours).
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from benchmarks._common import matmul_peak  # noqa: E402
+from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import train as T  # noqa: E402
 from mdt_jax.data import pad_to, sample_batch, sample_multitask, segment_data, stack_segment_data  # noqa: E402
 from mdt_jax.fileio import write_json_atomic  # noqa: E402
@@ -275,6 +278,13 @@ def run(which: str, steps: int, repeats: int, group: int = 0, kinds=KINDS, log=p
         log(f"{s.name:20} {s.group:3d} {r['ms_per_step_alone']:9.2f} {r['ms_per_step_grouped_per_model']:11.2f} "
             f"{r['speedup']:5.2f}x {r['recommend']:>6} {f['alone']:5.2f}/{f['grouped']:<5.2f} "
             f"{c['alone']:5.1f}/{c['grouped']:<6.1f} {w['alone']:5.2f}/{w['grouped']:<6.2f}")
+    rows = list(out["shapes"].values())
+    if rows:  # ours = every shape's G models grouped; the peer = the same G models one at a time
+        out |= common_keys(warm_s=sum(r["warm_s"]["grouped"] for r in rows),
+                           cold_s=sum(r["cold_s"]["grouped"] for r in rows),
+                           peer_s=sum(r["group"] * r["warm_s"]["alone"] for r in rows),
+                           floor_s=sum(r["group"] * r["steps"] * r["floor_ms"] for r in rows) / 1e3)
+        log(f"all shapes, grouped (ours) against alone x G: {common_line(out)}")
     return out
 
 

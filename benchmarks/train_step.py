@@ -8,8 +8,11 @@ single-task DT) and H512 L3 4 heads gelu_new (its multi-task size). Batches are 
 index gather from a fixed pool of 4096 segments on both sides (the same cost for both). JAX times
 `--steps` steps fused in one `lax.scan` call, divided by `--steps`; torch times `--steps` Python
 steps. The two are interleaved (JAX, torch, JAX, ...) so both see the same machine load; medians
-over `--repeats`. GFLOP/s uses XLA's own FLOP count of our step (`cost_analysis`) against a
-float32 matmul peak (jitted 2048x2048 `jnp.dot`) measured in the same run.
+over `--repeats`; cold is our first call (compilation included). GFLOP/s uses XLA's own FLOP count of our step (`cost_analysis`) against a
+float32 matmul peak (jitted 2048x2048 `jnp.dot`) measured in the same run. `--json` carries, per
+shape and summed over the shapes, the common keys (`benchmarks/_common.py`: `speedup` = torch /
+ours, `speedup_vs_batched` null (no batched peer), `floor_fraction`, `cold_s`, `warm_s`, seconds
+per call of `--steps` steps).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import matmul_peak  # noqa: E402
+from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import train as T  # noqa: E402
 from mdt_jax.models import DTConfig  # noqa: E402
 
@@ -58,8 +61,10 @@ def jax_runner(shape: str, steps: int):
     cost = one.lower(state, data).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
+    t = time.perf_counter()
     box = {"state": chunk(state, data, steps)[0]}  # compile + warm up
     jax.block_until_ready(box["state"])
+    cold_s = time.perf_counter() - t
 
     def run() -> float:
         t = time.perf_counter()
@@ -67,7 +72,7 @@ def jax_runner(shape: str, steps: int):
         jax.block_until_ready(m)
         return (time.perf_counter() - t) / steps
 
-    return run, flops
+    return run, flops, cold_s
 
 
 def torch_runner(shape: str, steps: int):
@@ -112,7 +117,7 @@ def torch_runner(shape: str, steps: int):
 
 
 def bench(shape: str, steps: int, repeats: int, peak: float) -> dict:
-    jrun, flops = jax_runner(shape, steps)
+    jrun, flops, cold_s = jax_runner(shape, steps)
     trun = torch_runner(shape, steps)
     js, ts = [], []
     for _ in range(repeats):
@@ -121,7 +126,8 @@ def bench(shape: str, steps: int, repeats: int, peak: float) -> dict:
     j, t = statistics.median(js), statistics.median(ts)
     return {"jax_ms": 1e3 * j, "torch_ms": 1e3 * t, "speedup": t / j, "gflop_per_step": flops / 1e9,
             "jax_gflops": flops / j / 1e9, "floor_ms": 1e3 * flops / (peak * 1e9),
-            "jax_ms_all": [1e3 * x for x in js], "torch_ms_all": [1e3 * x for x in ts]}
+            "jax_ms_all": [1e3 * x for x in js], "torch_ms_all": [1e3 * x for x in ts]} | common_keys(
+        warm_s=j * steps, cold_s=cold_s, peer_s=t * steps, floor_s=flops / (peak * 1e9) * steps)
 
 
 def main():
@@ -135,12 +141,17 @@ def main():
     out = {"peak_gflops": peak}
     print(f"float32 matmul peak (jitted 2048^3 jnp.dot, median): {peak:.0f} GFLOP/s")
     print(f"{'shape':6} {'torch ms':>9} {'jax ms':>8} {'speedup':>8} {'GFLOP/step':>11} {'jax GFLOP/s':>12} "
-          f"{'floor ms':>9}")
+          f"{'floor ms':>9} {'cold s':>7} {'warm s':>7}")
     for shape in ([args.only] if args.only else list(SHAPES)):
         r = bench(shape, args.steps, args.repeats, peak)
         out[shape] = r
         print(f"{shape:6} {r['torch_ms']:9.1f} {r['jax_ms']:8.1f} {r['speedup']:7.2f}x {r['gflop_per_step']:11.2f} "
-              f"{r['jax_gflops']:12.0f} {r['floor_ms']:9.1f}")
+              f"{r['jax_gflops']:12.0f} {r['floor_ms']:9.1f} {r['cold_s']:7.2f} {r['warm_s']:7.2f}")
+    rows = [v for k, v in out.items() if k in SHAPES]
+    tot = lambda k: sum(r[k] for r in rows)
+    out |= common_keys(warm_s=tot("warm_s"), cold_s=tot("cold_s"), peer_s=sum(r["torch_ms"] for r in rows) * args.steps / 1e3,
+                       floor_s=sum(r["floor_ms"] for r in rows) * args.steps / 1e3)
+    print(f"all shapes, one call of --steps each: {common_line(out)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,0 +1,59 @@
+"""benchmarks/evaluate.py at toy size (both torch peers, the cross-check, the common JSON keys), the
+batched peer's replay check catching a wrong action, and benchmarks/_common.py's keys."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import evaluate as E  # noqa: E402
+
+
+def test_evaluate_toy_json(tmp_path):
+    path = tmp_path / "eval.json"
+    E.main(["--episodes", "2", "--sequential_episodes", "1", "--repeats", "1", "--tasks", "hopper",
+            "--hidden", "16", "--layers", "1", "--context", "4", "--max_steps", "12", "--torch_threads", "1",
+            "--no_breakdown", "--json", str(path)])
+    out = json.loads(path.read_text())
+    for k in C.COMMON_KEYS:
+        assert isinstance(out[k], float) and math.isfinite(out[k]) and out[k] > 0, (k, out[k])
+    assert out["warm_s"] == pytest.approx(out["tasks"]["hopper"]["batched_s"])
+    assert out["speedup"] == pytest.approx(out["sequential_s"] / out["warm_s"])
+    assert out["speedup_vs_batched"] == pytest.approx(out["torch_batched_s"] / out["warm_s"])
+    r = out["tasks"]["hopper"]
+    assert r["check"]["ok"] and r["check"]["batch"] == 2 and r["check"]["steps"] > 4 * 2  # windows rolled past K
+    # the peers ran the same episodes as ours: same starts, same weights
+    assert r["torch_batched_return_max_rel_diff"] < 1e-4 and r["sequential_return_max_rel_diff"] < 1e-4
+    with pytest.raises(SystemExit):  # an existing --json is never overwritten
+        E.main(["--episodes", "1", "--tasks", "hopper", "--json", str(path)])
+
+
+def test_replay_catches_a_different_action():
+    cfg, params = E.model("hopper", 16, 1, 4)
+    dt, st = E.torch_dt(cfg, params), E.stats_for("hopper")
+    starts = E.ev.reset_states(E.envs.get_task("hopper"), 2, E.SEED)
+    run = E.Batched("hopper", starts, cfg, dt, st, 2, 9).run(record=True)
+    seq = E.Sequential("hopper", starts, cfg, dt, st, 9)
+    tr = run["trace"][1]
+    assert len(tr["actions"]) > cfg.context_len
+    assert seq.replay(tr["obs"], tr["rewards"], tr["actions"]) <= E.CHECK_TOL
+    wrong = [a.copy() for a in tr["actions"]]
+    wrong[-1][0] += 0.01
+    assert seq.replay(tr["obs"], tr["rewards"], wrong) == pytest.approx(0.01, abs=E.CHECK_TOL)
+
+
+def test_common_keys():
+    k = C.common_keys(warm_s=2.0, cold_s=5.0, peer_s=8.0, floor_s=1.0)
+    assert k == {"speedup": 4.0, "speedup_vs_batched": None, "floor_fraction": 0.5, "cold_s": 5.0, "warm_s": 2.0}
+    assert "speedup 4.00x (vs batched peer -)" in C.common_line(k)
+    for bad in (dict(warm_s=0.0, cold_s=1.0), dict(warm_s=float("nan"), cold_s=1.0),
+                dict(warm_s=1.0, cold_s=None), dict(warm_s=1.0, cold_s=1.0, peer_s=-1.0),
+                dict(warm_s=1.0, cold_s=1.0, floor_s=np.inf)):
+        with pytest.raises(ValueError, match="_s"):
+            C.common_keys(**bad)
