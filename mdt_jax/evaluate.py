@@ -145,6 +145,19 @@ class Row:
         return d | ({"coefficients": self.coefficients} if self.coefficients else {})
 
 
+def model_stats(model, tasks, target_return: float = 0.0, field: str = "config.checkpoint") -> dict[str, TaskStats]:
+    """{task: TaskStats} from `model`'s own normalisers (a `checkpoint.Model`), the rtg target
+    `target_return` or, when 0, each task's paper target; a missing normaliser names `field`."""
+    stats = {}
+    for t in tasks:
+        envs.get_task(t)
+        try:
+            stats[t] = TaskStats.of(model.norm(t), target_return or envs.target_return(t))
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+    return stats
+
+
 def evaluate_model(model, params, spec: EvalSpec, *, seed: int, label: str, checkpoint: str | None = None,
                    stacked_coeffs: list[dict] | None = None) -> list[Row]:
     """Evaluate `params` (one model, or candidates stacked on a leading axis, one per entry of
@@ -158,12 +171,7 @@ def evaluate_model(model, params, spec: EvalSpec, *, seed: int, label: str, chec
         tasks = [meta["task"]]
     else:
         tasks = [t.name for t in map(envs.get_task, envs.TASKS) if (t.obs_dim, t.act_dim) == (cfg.state_dim, cfg.act_dim)]
-    stats = {}
-    for t in tasks:
-        try:
-            stats[t] = TaskStats.of(model.norm(t), envs.target_return(t))
-        except ValueError as e:
-            raise ValueError(f"config.checkpoint: {e}") from None
+    stats = model_stats(model, tasks)
     results = evaluate(cfg, params, tasks, stats, episodes=spec.episodes, max_steps=spec.max_steps, seed=seed,
                        executor=spec.executor)
     mode = meta.get("checkpoint_mode", "last")
@@ -440,13 +448,7 @@ def evaluate_checkpoint(path: str, tasks=(), *, episodes: int = 10, max_steps: i
     if not model.norms:
         raise ValueError(f"config.checkpoint: {path} has no normalisation stats (not a trained DT policy)")
     tasks = list(tasks) or (list(model.cfg.task_names) if model.cfg.multi else [model.metadata.get("task")])
-    stats = {}
-    for t in tasks:
-        envs.get_task(t)
-        try:
-            stats[t] = TaskStats.of(model.norm(t), target_return or envs.target_return(t))
-        except ValueError as e:
-            raise ValueError(f"config.checkpoint: {e}") from None
+    stats = model_stats(model, tasks, target_return)
     bar = tqdm(total=episodes * max_steps * len(tasks), unit="env-step", unit_scale=True, desc="evaluate",
                dynamic_ncols=True, disable=not progress)
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import checkpoint, envs, evaluate as ev, fileio, merge as M, trees
+from mdt_jax import checkpoint, evaluate as ev, fileio, merge as M, trees
 from mdt_jax.models.dt import DTConfig
 
 P1_SUBSET = "attn,mlp"
@@ -385,7 +385,7 @@ def _run_emr(spec: MergeSpec, workdir: str, first, order: list, record: dict, su
     if not os.path.exists(os.path.join(out, E.META_FILE)):
         E.save_emr(out, emr, base=spec.base, config=cfg, names=list(cfg.task_names), subset=subset,
                    metadata=meta_out)
-    stats = {t: ev.TaskStats.of(first.norm(t), envs.target_return(t)) for t in cfg.task_names}
+    stats = ev.model_stats(first, cfg.task_names)
     out_rows = fileio.cached_json(os.path.join(workdir, "stages", "eval_p2_emr.json"), lambda: E.evaluate_task_models(
         cfg, E.emr_stack(base, emr), stats, episodes=spec.eval.episodes, max_steps=spec.eval.max_steps,
         seed=spec.seed, executor=spec.eval.executor, extra={"model": "p2_emr", "checkpoint": out}))

@@ -9,7 +9,6 @@ import os
 
 import jax
 
-from mdt_jax import checkpoint
 from mdt_jax.behaviour.datasets import (POLICIES_DIR, QUALITIES, behaviour_policy_dir,  # noqa: F401
                                        collect_dataset, resolve_dataset)
 from mdt_jax.fileio import write_json_atomic
@@ -112,13 +111,6 @@ def _floats(value) -> list[float]:
         return [float(v) for v in split_list(value)]
     except ValueError as e:
         raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
-
-
-def _norm(model: checkpoint.Model, task: str):
-    try:
-        return model.norm(task)
-    except ValueError as e:
-        raise ValueError(f"config.checkpoint: {e}") from None
 
 
 def merge_spec(config, **overrides):

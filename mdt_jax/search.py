@@ -687,10 +687,7 @@ def search_run(config: SearchSpec, workdir: str) -> str:
     loaded = [checkpoint.load(p) for p in order]
     finetuned = [m.params for m in loaded]
     first = loaded[0]  # every finetune of the model carries its normalisers
-    try:
-        stats = {t: ev.TaskStats.of(first.norm(t), envs.target_return(t)) for t in cfg.task_names}
-    except ValueError as e:
-        raise ValueError(f"config.checkpoints: {e}") from None
+    stats = ev.model_stats(first, cfg.task_names, field="config.checkpoints")
     fishers = None
     if fpaths:
         fishers = load_fishers([fpaths[by_task[t]] for t in cfg.task_names])
