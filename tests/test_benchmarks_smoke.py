@@ -57,3 +57,35 @@ def test_common_keys():
                 dict(warm_s=1.0, cold_s=1.0, floor_s=np.inf)):
         with pytest.raises(ValueError, match="_s"):
             C.common_keys(**bad)
+
+
+def test_study_flops_scale_with_the_config(monkeypatch, tmp_path):
+    """benchmarks/study_flops.py counts from the config: doubling the training steps doubles exactly the
+    single-task training stages, doubling the episodes doubles exactly the evaluation, and the JSON
+    total is the sum of the stages."""
+    from benchmarks import study as ST
+    from benchmarks import study_flops as SF
+
+    base = SF.study_flops("quickstart")
+    assert all(v >= 0 for v in base["stages"].values()) and base["total"] > 0 and base["total"] == pytest.approx(sum(base["stages"].values()))
+
+    def patched(edit):
+        def cfg(which):
+            c = ST.study_config(which)
+            edit(c)
+            return c
+        monkeypatch.setattr(SF, "study_config", cfg)
+        return SF.study_flops("quickstart")
+
+    more_steps = patched(lambda c: setattr(c.train, "num_steps", 2 * c.train.num_steps))
+    for k, v in base["stages"].items():
+        want = 2 * v if k in ("train: single-task sets", "train: large set") else v
+        assert more_steps["stages"][k] == pytest.approx(want), k
+    more_eps = patched(lambda c: setattr(c.eval, "episodes", 2 * c.eval.episodes))
+    assert more_eps["stages"]["evaluate"] == pytest.approx(2 * base["stages"]["evaluate"])
+    assert more_eps["stages"]["search (CMA-ES episodes)"] == base["stages"]["search (CMA-ES episodes)"] > 0
+    monkeypatch.undo()
+    path = tmp_path / "flops.json"
+    SF.main(["--shapes", "quickstart", "--rate", "1", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["minutes_at"]["1"] == pytest.approx(out["total"] / 1e12 / 60)
