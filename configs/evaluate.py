@@ -13,7 +13,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.checkpoint = ""
-    c.tasks = ""            # comma-separated; empty: the checkpoint's task(s)
+    c.tasks = ()            # empty: the checkpoint's task(s); --config.tasks=hopper,walker2d
     c.episodes = 50
     c.max_steps = 1000
     c.seed = 0

@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.normalize_trace = True  # fisher: divide each model's Fisher by its trace
     c.trace_over = "fisher"   # fisher: the trace over the whole Fisher (the trunk, the reference) | subset
     c.regmean_alpha = 0.9     # regmean: off-diagonal Gram entries scaled by alpha (Jin et al.'s regulariser)
-    c.lerp_ps = "0,0.25,0.5,0.75,1"
-    c.ta_lams = "0.25,0.5,0.75,1"
-    c.ties_ks = "0.1,0.2,0.5"
-    c.ties_lams = "1"
-    c.dare_ps = "0.1,0.3,0.5"
+    c.lerp_ps = (0, 0.25, 0.5, 0.75, 1)
+    c.ta_lams = (0.25, 0.5, 0.75, 1)
+    c.ties_ks = (0.1, 0.2, 0.5)
+    c.ties_lams = (1,)
+    c.dare_ps = (0.1, 0.3, 0.5)
     c.seed = 0                # the evaluation episodes' reset seed (the reported episodes)
     # P3 "best": chosen on episodes of this reset seed (held out, != seed), reported on `seed`'s;
     # -1 chooses on the reported episodes themselves (optimistic)

@@ -19,7 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "cpu"):
         raise ValueError(f"configs/paper.py: unknown variant {arg!r}; use configs/paper.py or configs/paper.py:cpu")
     c = quickstart.get_config()
-    c.seeds = "0,1,2"
+    c.seeds = (0, 1, 2)
     c.data.transitions = 1_000_000
     t = c.train
     t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 100_000, 500, 5_000, 500
@@ -31,12 +31,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         finetune_steps=10_000, finetune_train=dict(learning_rate=1e-4, warmup_steps=1_000)))
     c.p1_finetune = ml_collections.ConfigDict(dict(num_steps=10_000))
     c.fisher.num_batches, c.fisher.batch_size = 100, 64
-    c.merge.lerp_ps = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
-    c.merge.ta_lams = "0.25,0.5,0.75,1"
-    c.merge.ties_ks = "0.1,0.2,0.5"
-    c.merge.dare_ps = "0.1,0.3,0.5"
+    c.merge.lerp_ps = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
+    c.merge.ta_lams = (0.25, 0.5, 0.75, 1)
+    c.merge.ties_ks = (0.1, 0.2, 0.5)
+    c.merge.dare_ps = (0.1, 0.3, 0.5)
     c.eval = ml_collections.ConfigDict(dict(episodes=50, max_steps=1000, executor="auto",
-                                            select_seeds="1000,1001,1002"))
+                                            select_seeds=(1000, 1001, 1002)))
     c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=1_000_000, num_steps=100_000,
                                                 batch_size=64))
     c.search = ml_collections.ConfigDict(dict(popsize=16, generations=10, episodes=10, groups="blocks"))
@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # sized for about 45 minutes on an idle 2-core CPU, spent where the variance is: many
         # evaluation episodes per seed (the claims' CIs are over seeds x episodes) and small,
         # quickly trained models, rather than wider ones
-        c.seeds = "0,1"
+        c.seeds = (0, 1)
         c.data.transitions = 100_000
         t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every = 1_000, 250, 1_000, 250
         t.model.hidden_size, t.model.n_layer, t.model.n_head, t.model.context_len = 32, 2, 1, 20
@@ -57,11 +57,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.multi.finetune_train = dict(learning_rate=3e-4, warmup_steps=50)
         c.p1_finetune.num_steps = 300
         c.fisher.num_batches, c.fisher.batch_size = 20, 32
-        c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
-        c.merge.ta_lams = "0.5,1"
-        c.merge.ties_ks = "0.2,0.5"
-        c.merge.dare_ps = "0.3"
-        c.eval = ml_collections.ConfigDict(dict(episodes=30, max_steps=1000, executor="auto", select_seeds="1000,1001"))
+        c.merge.lerp_ps = (0, 0.25, 0.5, 0.75, 1)
+        c.merge.ta_lams = (0.5, 1)
+        c.merge.ties_ks = (0.2, 0.5)
+        c.merge.dare_ps = (0.3,)
+        c.eval = ml_collections.ConfigDict(dict(episodes=30, max_steps=1000, executor="auto", select_seeds=(1000, 1001)))
         c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=100_000, num_steps=1_000,
                                                     batch_size=32))
         c.search = ml_collections.ConfigDict(dict(popsize=8, generations=5, episodes=3, groups="blocks"))

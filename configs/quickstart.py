@@ -23,8 +23,8 @@ from configs import train as train_cfg
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.tasks = "hopper,halfcheetah,walker2d"
-    c.seeds = "0,1"               # comma-separated; every stage runs per seed, rows are pooled
+    c.tasks = ("hopper", "halfcheetah", "walker2d")
+    c.seeds = (0, 1)              # every stage runs per seed, rows are pooled (--config.seeds=0,1,2)
     c.compile_cache = True        # XLA's persistent cache in WORKDIR/jax_cache (unless one is set already)
     c.data = ml_collections.ConfigDict(dict(quality="medium", transitions=50_000, num_envs=64, seed=0))
     t = train_cfg.get_config()    # the single-task DTs (and, via overrides, every other training run)
@@ -52,13 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.fisher.num_batches = 10
     c.fisher.batch_size = 32
     c.merge = merge_cfg.get_config()  # P3 grids; pipeline, checkpoints and eval are set per stage
-    c.merge.lerp_ps = "0,0.25,0.5,0.75,1"
-    c.merge.ta_lams = "0.5,1"
-    c.merge.ties_ks = "0.2,0.5"
-    c.merge.dare_ps = "0.3"
+    c.merge.lerp_ps = (0, 0.25, 0.5, 0.75, 1)
+    c.merge.ta_lams = (0.5, 1)
+    c.merge.ties_ks = (0.2, 0.5)
+    c.merge.dare_ps = (0.3,)
     # report episodes: reset seed = the study seed; selection episodes (every "best of": P3 grids):
     # one reset seed per study seed, disjoint from the report seeds
-    c.eval = ml_collections.ConfigDict(dict(episodes=5, max_steps=1000, executor="auto", select_seeds="1000,1001"))
+    c.eval = ml_collections.ConfigDict(dict(episodes=5, max_steps=1000, executor="auto", select_seeds=(1000, 1001)))
     # the embedded pre-trained common init (claim C2, the paper's way): a multi-task DT with the
     # single-task trunk shape trained on every task's random-policy data, which no target DT sees
     c.pretrain = ml_collections.ConfigDict(dict(quality="random", transitions=20_000, num_steps=500, batch_size=32))

@@ -13,7 +13,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.tasks = ""
+    c.tasks = ()              # empty: every task; --config.tasks=hopper,walker2d
     c.episodes = 100
     c.seed = 0
     c.max_steps = 1000

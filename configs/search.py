@@ -44,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.generations = 10
     c.sigma = 0.5             # CMA-ES initial step size in theta
     c.seed = 0                # CMA-ES sampling (and the DARE mask)
-    c.selection_seed = "1"    # comma-separated reset seeds of the selection episodes
-    c.report_seed = "2"       # comma-separated reset seeds of the report episodes (disjoint)
+    c.selection_seed = (1,)   # reset seeds of the selection episodes (--config.selection_seed=1,3)
+    c.report_seed = (2,)      # reset seeds of the report episodes (disjoint)
     c.budget_episodes = 0
     c.eval = ml_collections.ConfigDict(dict(episodes=4, report_episodes=10, max_steps=1000, executor="auto"))
     return c

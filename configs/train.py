@@ -39,7 +39,9 @@ def train_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "hopper"
+    c.task = ("hopper",)      # several tasks: one multi-task DT (--config.task=hopper,walker2d)
+    # paths stay one comma-separated string: ml_collections' tuple parser reads an override as a
+    # Python literal, and `a.hdf5,minari:x/y` is not one
     c.dataset = ""
     c.seed = 0
     c.num_steps = 100_000

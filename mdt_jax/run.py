@@ -18,12 +18,26 @@ from mdt_jax.training import (TrainRun, model_config, task_dims, train_config, t
                               trunk_from_checkpoint)
 
 
+def cli_value(v):
+    """A config value in the command line's layout, the one workdirs record a run in: a tuple
+    (the configs' lists) comma-joined, nested dicts converted entry by entry."""
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return {k: cli_value(x) for k, x in v.items()}
+    return v
+
+
 def config_dict(c) -> dict:
-    return c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    """A ConfigDict (or mapping) as a plain dict in the command line's layout (`cli_value`)."""
+    return cli_value(c.to_dict() if hasattr(c, "to_dict") else dict(c))
 
 
 def split_list(value) -> list[str]:
-    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+    """The items of a config list: a tuple (the configs' form; `--config.tasks=a,b,c` gives one
+    ('a,b,c',) element, split here) or a comma-separated string."""
+    items = value if isinstance(value, (tuple, list)) else ([] if value is None else [value])
+    return [v.strip() for x in items for v in str(x).split(",") if v.strip()]
 
 
 def train_run_spec(config, *, model: dict | None = None, train: dict | None = None, **fields) -> TrainRun:

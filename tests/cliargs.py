@@ -25,6 +25,9 @@ def config_from_args(args: list[str], default: str = "") -> ml_collections.Confi
             node[leaf] = value.lower() in ("true", "1")
         elif isinstance(old, (int, float)):
             node[leaf] = type(old)(value)
+        elif isinstance(old, tuple):  # the configs' lists: `--config.tasks=a,b` as the real flag parses it
+            from ml_collections.config_flags.tuple_parser import TupleParser
+            node[leaf] = TupleParser().parse(value)
         else:
             node[leaf] = value
     return config

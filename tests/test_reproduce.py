@@ -176,15 +176,15 @@ def test_claims_follow_the_numbers():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("eval.select_seeds", "", "select_seeds: empty"),
-    ("eval.select_seeds", "0,1001", "also report seeds"),
+    ("eval.select_seeds", (), "select_seeds: empty"),
+    ("eval.select_seeds", (0, 1001), "also report seeds"),
     ("bootstrap_reps", 50, "bootstrap_reps"),
     ("claims_min_effect", -1.0, "claims_min_effect"),
 ])
 def test_study_bad_selection_and_statistics_settings(tmp_path, field, value, needle):
     c = tiny_config()
-    c.seeds = "0,1"
-    c.eval.select_seeds = "1000,1001"
+    c.seeds = (0, 1)
+    c.eval.select_seeds = (1000, 1001)
     node, _, leaf = field.rpartition(".")
     (c.eval if node else c)[leaf] = value
     with pytest.raises(ValueError, match=needle):
@@ -209,7 +209,7 @@ def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
 
     path = collect_dataset("hopper", "random", 5000, str(tmp_path / "hopper-random.hdf5"), seed=0, num_envs=16)
     c = train_cfg.get_config()
-    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", path, 200, 100, 200
+    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = ("hopper",), path, 200, 100, 200
     c.model.hidden_size, c.model.n_layer, c.model.context_len = 32, 1, 10
     c.train.batch_size, c.train.learning_rate, c.train.warmup_steps = 32, 1e-3, 20
     model = checkpoint.load(train_from_config(c, str(tmp_path / "dt")))

@@ -19,7 +19,7 @@ def _config(**fields):
 
 
 @pytest.mark.parametrize("fields", [{}, {"pipeline": "p3", "base": "mt/model", "select_seed": 5,
-                                        "lerp_ps": "0,0.5,1", "ties_ks": "0.2"},
+                                        "lerp_ps": (0, 0.5, 1), "ties_ks": (0.2,)},
                                     {"method": "fisher", "fishers": "fa,fb", "floor": 0.0}])
 def test_the_spec_records_the_config_files_layout(fields):
     c = _config(**fields)
@@ -39,7 +39,7 @@ def test_the_spec_records_the_config_files_layout(fields):
     ({"checkpoints": "one"}, "config.checkpoints"),
     ({"pipeline": "p3"}, "config.base"),
     ({"pipeline": "p3", "base": "mt", "select_seed": 0}, "config.select_seed"),
-    ({"lerp_ps": "0,x"}, "config.lerp_ps"),
+    ({"lerp_ps": (0, "x")}, "config.lerp_ps"),
 ])
 def test_bad_specs_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -70,7 +70,7 @@ def test_train_fisher_and_gram_runs_record_their_config_files_layout():
     from mdt_jax.training import TrainRun
 
     c = train_cfg.get_config()
-    c.task, c.dataset, c.train.freeze = "hopper,walker2d", "a.hdf5,b.hdf5", "attn,mlp"
+    c.task, c.dataset, c.train.freeze = ("hopper", "walker2d"), "a.hdf5,b.hdf5", "attn,mlp"
     spec = train_run_spec(c)
     assert spec.task == ("hopper", "walker2d") and spec.run_config() == config_dict(c)
     tuned = spec.replace(seed=3, train={"batch_size": 8}, model={"n_layer": 1})
