@@ -82,7 +82,7 @@ def study_flops(which: str) -> dict:
     E, steps_ep = int(c.eval.episodes), int(c.eval.max_steps)
     ep = E * steps_ep  # policy steps of one model on one task
     grids = (len(split_list(c.merge.lerp_ps)) + len(split_list(c.merge.ta_lams)) + len(split_list(c.merge.ties_ks))
-             * len(split_list(c.merge.get("ties_lams", "1")) or [1]) + len(split_list(c.merge.dare_ps)))
+             * max(1, len(split_list(c.merge.get("ties_lams", (1,))))) + len(split_list(c.merge.dare_ps)))
     f_single, f_multi = analytic_flops(single, "last"), analytic_flops(multi, "last")
     f_large = analytic_flops(large, "last") if large else 0
     n_sets_p1 = {"independent": 2, "common": 3} | ({"pretrained": 2} if pretrained else {})
