@@ -271,7 +271,8 @@ def fisher_group_run(runs: list[FisherRun], workdirs: list[str]) -> list[str]:
     for r, w in todo:
         _check(r, w)
     members = [_load(r, w) for r, w in todo]
-    for m in members:
+    # the partial folders that exist are only read (and refused if another run's) before any is written
+    for m in sorted(members, key=lambda m: not os.path.exists(os.path.join(m.partial, "run_config.json"))):
         _guard(m)
     groups: dict = {}
     for m in members:
