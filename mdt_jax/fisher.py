@@ -21,8 +21,8 @@ per-example gradients are uncorrelated with mean zero, and exact drops the cross
 The g_bi come without `vmap(grad)`: one forward and backward of the batch gives each tapped
 module's input X and output cotangent G, and example i's gradient is X_i^T G_i for a dense
 kernel (sum over its steps of G_i for a bias; likewise for LayerNorm scales and embeddings),
-built for `chunk` examples and one module at a time, then squared and summed (about 1.1-1.2x the
-faithful cost at H128 L3 K20 B64 on CPU, benchmarks/fisher.py).
+built for `chunk` examples and one module at a time, then squared and summed (its cost against
+the faithful one: benchmarks/fisher.py).
 
 Both are restricted to a parameter subset (`mdt_jax.subsets` patterns, or a bool tree shaped like
 params; default the trunk blocks `block_*`, the reference's 'transformer.h'). Only the subset is
@@ -43,7 +43,8 @@ when it already holds them, then added in order and normalised. The result does 
 where a run was interrupted; it differs from the one-scan path only in the order of the float sums.
 
 Grouped (`compute_fishers`): the Fishers of G same-shaped models (a leading model axis on params,
-data and keys) in one jitted vmapped call, each member exactly as `compute_fisher` runs it.
+data and keys) in one jitted vmapped call, each member with the batches, keys and combination
+`compute_fisher` gives it (equal up to float reassociation).
 Single-task models of different tasks share one shape when padded to the widest state and action
 (`pad_params`; padded state dims are 0, padded action dims masked out of the loss through
 `batch['act_dim']`), so the padded entries' Fisher is 0 and `unpad_result` slices them away.
