@@ -72,7 +72,7 @@ def shift(models, fishers, subset):
 
 def study_cases(workdir):
     from mdt_jax import checkpoint
-    from mdt_jax.fisher import load_fisher
+    from mdt_jax.fisher_stage import load_fisher
 
     cases = {}
     for sdir in sorted(glob.glob(os.path.join(workdir, "seed_*"))):

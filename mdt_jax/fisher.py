@@ -21,8 +21,8 @@ per-example gradients are uncorrelated with mean zero, and exact drops the cross
 The g_bi come without `vmap(grad)`: one forward and backward of the batch gives each tapped
 module's input X and output cotangent G, and example i's gradient is X_i^T G_i for a dense
 kernel (sum over its steps of G_i for a bias; likewise for LayerNorm scales and embeddings),
-built for `chunk` examples and one module at a time, then squared and summed (about 1.1-1.2x the
-faithful cost at H128 L3 K20 B64 on CPU, benchmarks/fisher.py).
+built for `chunk` examples and one module at a time, then squared and summed (its cost against
+the faithful one: benchmarks/fisher.py).
 
 Both are restricted to a parameter subset (`mdt_jax.subsets` patterns, or a bool tree shaped like
 params; default the trunk blocks `block_*`, the reference's 'transformer.h'). Only the subset is
@@ -36,21 +36,26 @@ mean of the per-task means, exactly as the reference's `_stats` (trace = n_tasks
 normalise by trace, where the common factor cancels). `task=` computes it on that one task only
 (the reference's `spec_info`: each finetune on its own task's data).
 
-Artifacts (`save_fisher` / `load_fisher`), written atomically and never overwritten::
+Resumable (`compute_fisher(..., chunk_batches=c, partial=store)`): the same dispatch, with each
+task's batches run in chunks of c (one jitted scan each, returning the unnormalised sums), each
+chunk's sums handed to `partial` (a `PartialSums`: a long job keeps them on disk) and taken from it
+when it already holds them, then added in order and normalised. The result does not depend on
+where a run was interrupted; it differs from the one-scan path only in the order of the float sums.
 
-    DIR/fisher.json   {"format": "mdt_jax.fisher", "format_version": 1, "method", "trace", "mean",
-                       "n_timesteps", "n_batches", "metadata": {...}}
-    DIR/fisher/       orbax StandardCheckpointer pytree: the Fisher tree (params layout)
+Grouped (`compute_fishers`): the Fishers of G same-shaped models (a leading model axis on params,
+data and keys) in one jitted vmapped call, each member with the batches, keys and combination
+`compute_fisher` gives it (equal up to float reassociation).
+Single-task models of different tasks share one shape when padded to the widest state and action
+(`pad_params`; padded state dims are 0, padded action dims masked out of the loss through
+`batch['act_dim']`), so the padded entries' Fisher is 0 and `unpad_result` slices them away.
+
+This module only computes; the artifacts (fisher.json + orbax tree) and the config-driven runs are
+`mdt_jax.fisher_stage`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
-import os
-import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -60,11 +65,9 @@ import numpy as np
 
 from mdt_jax import sharding
 from mdt_jax import trees
-from mdt_jax.fileio import orbax_read, orbax_writer, read_header, write_dir_atomic, write_json_atomic
 from mdt_jax.data.sampler import SegmentData, pad_to, sample_batch
-from mdt_jax.models.dt import DTConfig, Linear
-from mdt_jax.fileio import run_config_guard
 from mdt_jax.losses import action_loss
+from mdt_jax.models.dt import DTConfig, Linear, param_shapes
 
 METHODS = ("faithful", "exact")
 DEFAULT_SUBSET = "blocks"
@@ -73,6 +76,18 @@ CHUNK_BYTES = 1 << 28  # exact: per-example gradients held at once
 
 class FisherError(ValueError):
     """A bad Fisher request, or a Fisher artifact that is missing, corrupt, or not a Fisher."""
+
+
+class PartialSums(Protocol):
+    """Where the chunked path keeps each chunk's sums: `get(key)` returns the sums stored under
+    `key` or None, `put(key, sums)` stores them. `key` is ``{tag}_batches_{first:06d}`` (tag
+    ``model`` for a single-task model, ``task{t}`` for task t of a multi-task one; `first` the
+    chunk's first batch) and `sums` is ``{"sums": [summed squared gradients per subset leaf],
+    "n": unmasked timesteps}`` as host arrays."""
+
+    def get(self, key: str) -> dict | None: ...
+
+    def put(self, key: str, sums: dict) -> None: ...
 
 
 @flax.struct.dataclass
@@ -278,11 +293,13 @@ def fisher_from_batches(cfg: DTConfig, params, batches: dict, rng: jax.Array, *,
 @functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk", "mesh",
                                              "raw"))
 def _from_data(cfg, params, data, rng, task_id, num_batches, batch_size, method, sel, chunk, mesh=None, offset=0,
-               raw=False):
+               raw=False, act_dim=None):
     data_key, drop_key = jax.random.split(rng)
 
     def get_batch(b):
         batch = sample_batch(data, jax.random.fold_in(data_key, b), batch_size)
+        if act_dim is not None:  # a single-task model padded to a group's widest action
+            batch = batch | {"act_dim": act_dim}
         return batch if task_id is None else batch | {"task_id": jnp.full((batch_size,), task_id, jnp.int32)}
 
     return _fisher_scan(cfg, params, get_batch, num_batches, drop_key, method, sel, chunk, mesh, offset, raw)
@@ -298,9 +315,16 @@ def average_tasks(per_task: FisherResult) -> FisherResult:
                         method=per_task.method)
 
 
+def _check_counts(**counts) -> None:
+    for name, v in counts.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise FisherError(f"{name}: must be a positive int, got {v!r}")
+
+
 def compute_fisher(cfg: DTConfig, params, data: SegmentData, rng: jax.Array, *, num_batches: int = 100,
                    batch_size: int = 64, method: str = "faithful", subset=DEFAULT_SUBSET,
-                   task: int | str | None = None, chunk: int | None = None, mesh=None) -> FisherResult:
+                   task: int | str | None = None, chunk: int | None = None, mesh=None,
+                   chunk_batches: int | None = None, partial: PartialSums | None = None) -> FisherResult:
     """The Fisher of `params` over `num_batches` batches of `batch_size` segments sampled on device
     from `data` (the reference's defaults: 100 x 64). With a `mesh` (`mdt_jax.sharding`), the
     batches are split across its devices.
@@ -313,23 +337,56 @@ def compute_fisher(cfg: DTConfig, params, data: SegmentData, rng: jax.Array, *, 
     index; the reference's `spec_info`), `data` is that task's SegmentData (padded here to the
     model's widths); without it, `data` is `stack_segment_data` over all of `cfg.tasks` in order,
     task t runs as above with the key ``fold_in(rng, t)``, and the per-task Fishers are combined
-    by `average_tasks`. Vmappable over models, like `fisher_from_batches`.
+    by `average_tasks`.
+
+    `chunk_batches` None: each task's batches in one jitted scan; vmappable over models, like
+    `fisher_from_batches`. `chunk_batches` c: the resumable path (module docstring), c batches per
+    jitted call, each chunk's sums kept in / reused from `partial` (a `PartialSums`, optional);
+    it runs on the host between chunks, so it is not vmappable.
     """
     _check_method(method)
-    for name, v in (("num_batches", num_batches), ("batch_size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise FisherError(f"{name}: must be a positive int, got {v!r}")
+    _check_counts(num_batches=num_batches, batch_size=batch_size, chunk_batches=chunk_batches)
+    if partial is not None and chunk_batches is None:
+        raise FisherError("partial: only the chunked path keeps partial sums; give chunk_batches too")
     sel = subset_selection(params, subset)
-    run = functools.partial(_from_data, cfg, params, num_batches=num_batches, batch_size=batch_size,
-                            method=method, sel=sel, chunk=chunk, mesh=mesh)
-    return over_tasks(cfg, data, rng, task, run, average_tasks, FisherError, "a multi-task Fisher")
+    kw = dict(num_batches=num_batches, batch_size=batch_size, method=method, sel=sel, chunk=chunk, mesh=mesh)
+    if chunk_batches is None:
+        run = functools.partial(_from_data, cfg, params, **kw)
+    else:
+        run = functools.partial(_chunked, cfg, params, **kw, chunk_batches=chunk_batches, partial=partial)
+    return over_tasks(cfg, data, rng, task, run, average_tasks, FisherError, "a multi-task Fisher",
+                      looped=chunk_batches is not None)
 
 
-def over_tasks(cfg: DTConfig, data, rng, task, run: Callable, average: Callable, error: type[Exception], what: str):
+def _chunked(cfg: DTConfig, params, data: SegmentData, rng, task_id, *, num_batches: int, batch_size: int,
+             method: str, sel: tuple[bool, ...], chunk, mesh, chunk_batches: int,
+             partial: PartialSums | None) -> FisherResult:
+    """One task's Fisher in chunks of `chunk_batches` batches: each chunk's raw sums from `partial`
+    or from one jitted scan (batches first..first+c-1, the same keys as the one-scan path), added
+    in chunk order on the host, then normalised by `finish_sums`."""
+    tag = "model" if task_id is None else f"task{int(task_id)}"
+    total = None
+    for first in range(0, num_batches, chunk_batches):
+        key = f"{tag}_batches_{first:06d}"
+        part = partial.get(key) if partial is not None else None
+        if part is None:
+            part = jax.device_get(_from_data(cfg, params, data, rng, task_id, min(chunk_batches, num_batches - first),
+                                             batch_size, method, sel, chunk, mesh, first, True))
+            if partial is not None:
+                partial.put(key, part)
+        total = part if total is None else {"sums": [a + b for a, b in zip(total["sums"], part["sums"])],
+                                            "n": total["n"] + part["n"]}
+    return finish_sums(params, sel, total["sums"], total["n"], num_batches, method)
+
+
+def over_tasks(cfg: DTConfig, data, rng, task, run: Callable, average: Callable, error: type[Exception], what: str,
+               *, looped: bool = False):
     """A per-model statistic over its data, the reference's way (`compute_fisher` / `_multi`):
     `run(data, rng, task_id)` on a single-task model's data; on one task's data of a multi-task
     model (`task`: the reference's spec_info); or on every task of a multi-task model (data stacked
-    per task, one fold_in key each) and `average`d over tasks. Shared by the Fisher and the Grams."""
+    per task, one fold_in key each) and `average`d over tasks. Shared by the Fisher and the Grams.
+    `looped`: the tasks run one after another from Python (for a `run` with host side effects,
+    such as the chunked Fisher), not as one `lax.map`; their results are stacked the same way."""
     stacked = data.traj_lens.ndim == 2
     if not cfg.multi:
         if task is not None or stacked:
@@ -344,168 +401,121 @@ def over_tasks(cfg: DTConfig, data, rng, task, run: Callable, average: Callable,
     if not stacked or data.traj_lens.shape[0] != T:
         raise error(f"data: {what} over every task needs SegmentData stacked over the model's {T} tasks "
                     f"{cfg.task_names} (stack_segment_data), or pass task=")
+    if looped:
+        per_task = [run(jax.tree.map(lambda x: x[t], data), jax.random.fold_in(rng, t), jnp.int32(t)) for t in range(T)]
+        return average(jax.tree.map(lambda *xs: jnp.stack(xs), *per_task))
     keys = jax.vmap(functools.partial(jax.random.fold_in, rng))(jnp.arange(T))
     per_task = jax.lax.map(lambda a: run(*a), (data, keys, jnp.arange(T, dtype=jnp.int32)))
     return average(per_task)
 
 
-# ----------------------------------------------------------------------------------- artifacts
+# ------------------------------------------------------------------------------- grouped Fishers
 
-FORMAT = "mdt_jax.fisher"
-FORMAT_VERSION = 1
-META_FILE = "fisher.json"
-ARRAYS = "fisher"
+def compute_fishers(cfg: DTConfig, stacked_params, stacked_data: SegmentData, rngs: jax.Array, *,
+                    num_batches: int = 100, batch_size: int = 64, method: str = "faithful", subset=DEFAULT_SUBSET,
+                    tasks: Sequence[int | str] | None = None, act_dims: Sequence[int] | None = None,
+                    chunk: int | None = None) -> FisherResult:
+    """The Fishers of G models of one shape `cfg` in one jitted call vmapped over a leading model
+    axis: `stacked_params` (G, ...), `stacked_data` (G, ...) and `rngs` (G,) keys; member i is
+    `compute_fisher(cfg, params[i], data[i], rngs[i], ...)` with the same batches, keys and
+    combination (equal up to float reassociation). Returns a FisherResult with a leading G axis.
 
-
-def _check_values(tree, where: str) -> None:
-    trees.check_finite(tree, error=FisherError, where=where, kind="Fisher values")
-    trees.check_nonnegative(tree, error=FisherError, where=where, kind="Fisher values")
-
-
-def save_fisher(directory, result: FisherResult, metadata: dict | None = None) -> str:
-    """Atomically write one model's Fisher to `directory` (refused if it exists and is non-empty)."""
-    directory = os.path.abspath(os.fspath(directory))
-    if np.ndim(result.trace):
-        raise FisherError(f"save_fisher: one model's Fisher only (trace has shape {np.shape(result.trace)}); "
-                          "index the stacked result first")
-    _check_values(result.fisher, f"save_fisher({directory})")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": result.method,
-            "trace": float(result.trace), "mean": float(result.mean), "n_timesteps": int(result.n_timesteps),
-            "n_batches": int(result.n_batches), "metadata": metadata or {}}
-    try:
-        json.dumps(meta)
-    except TypeError as e:
-        raise FisherError(f"save_fisher: metadata is not JSON-serialisable: {e}") from None
-
-    return write_dir_atomic(directory, {ARRAYS: orbax_writer(result.fisher), META_FILE: lambda p: write_json_atomic(p, meta)})
-
-
-def load_fisher(directory) -> tuple[FisherResult, dict]:
-    """(FisherResult, metadata) from a `save_fisher` folder; refuses anything that is not a
-    complete Fisher artifact with finite, non-negative values (the error names the path)."""
-    directory = os.path.abspath(os.fspath(directory))
-    path = os.path.join(directory, META_FILE)
-    meta = read_header(directory, META_FILE, FORMAT, FORMAT_VERSION, FisherError, "Fisher artifact")
-    if meta.get("method") not in METHODS:
-        raise FisherError(f"{path}: unknown method {meta.get('method')!r}")
-    for k in ("trace", "mean"):
-        v = meta.get(k)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise FisherError(f"{path}: {k} must be a finite number >= 0, got {v!r}")
-    for k in ("n_timesteps", "n_batches"):
-        if not isinstance(meta.get(k), int) or meta[k] <= 0:
-            raise FisherError(f"{path}: {k} must be a positive int, got {meta.get(k)!r}")
-    adir = os.path.join(directory, ARRAYS)
-    fisher = orbax_read(adir, FisherError, "Fisher artifact")
-    _check_values(fisher, adir)
-    result = FisherResult(fisher=fisher, trace=jnp.float32(meta["trace"]), mean=jnp.float32(meta["mean"]),
-                          n_timesteps=jnp.int32(meta["n_timesteps"]), n_batches=meta["n_batches"],
-                          method=meta["method"])
-    return result, meta.get("metadata") or {}
+    Single-task `cfg`: member i's data is one task's SegmentData, stacked with `stack_segment_data`
+    (which pads steps and trajectories; padded trajectories are never drawn). `act_dims` (G,):
+    each member's own action width when the group is padded to a wider `cfg` (`pad_params`; the
+    padded action dims are masked out of the loss); default `cfg.act_dim` for all. Multi-task `cfg`
+    with `tasks` (G,): member i's data is task tasks[i]'s (the reference's spec_info; padded here
+    to the model's widths); without `tasks`: member i's data is stacked over `cfg.tasks` (G, T, ...)
+    and its per-task Fishers are averaged (`average_tasks`).
+    """
+    _check_method(method)
+    _check_counts(num_batches=num_batches, batch_size=batch_size)
+    G = _group_size(stacked_params, stacked_data, rngs)
+    task_ids = acts = None
+    if tasks is not None:
+        if not cfg.multi:
+            raise FisherError("tasks: a single-task group takes no tasks (use act_dims for padded actions)")
+        if len(tasks) != G:
+            raise FisherError(f"tasks: {len(tasks)} tasks for a group of {G} models")
+        ids = [cfg.task_index(t) if isinstance(t, str) else int(t) for t in tasks]
+        if any(not 0 <= t < len(cfg.tasks) for t in ids):
+            raise FisherError(f"tasks: {list(tasks)} must each name one of {cfg.task_names}")
+        task_ids = jnp.asarray(ids, jnp.int32)
+        stacked_data = pad_to(stacked_data, cfg.state_dim, cfg.act_dim)
+    want = 2 + (cfg.multi and tasks is None)  # (G, [T,] M) trajectory lengths
+    if stacked_data.traj_lens.ndim != want:
+        raise FisherError(f"stacked_data: trajectory lengths have shape {stacked_data.traj_lens.shape}; a group of "
+                          + ("multi-task models over every task needs (G, T, M): each member's stack_segment_data"
+                             if want == 3 else "one task's data per member needs (G, M): stack_segment_data over members"))
+    if act_dims is not None:
+        if cfg.multi:
+            raise FisherError("act_dims: multi-task models know their tasks' action widths; give tasks instead")
+        if len(act_dims) != G or any(not isinstance(a, (int, np.integer)) or not 0 < a <= cfg.act_dim for a in act_dims):
+            raise FisherError(f"act_dims: need {G} ints in 1..{cfg.act_dim} (cfg.act_dim), got {list(act_dims)}")
+        acts = jnp.asarray(act_dims, jnp.int32)
+    sel = subset_selection(jax.tree.map(lambda x: x[0], stacked_params), subset)
+    return _group(cfg, stacked_params, stacked_data, rngs, task_ids, acts, num_batches, batch_size, method, sel,
+                  chunk, cfg.multi and tasks is None)
 
 
-def load_fishers(paths: list[str]) -> list[dict]:
-    """The Fisher trees of `save_fisher` folders, in order."""
-    return [load_fisher(p)[0].fisher for p in paths]
+def _group_size(stacked_params, stacked_data: SegmentData, rngs) -> int:
+    leads = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(stacked_params)}
+    if len(leads) != 1 or None in leads:
+        raise FisherError(f"stacked_params: every leaf needs the same leading model axis, got sizes {sorted(map(str, leads))}")
+    (G,) = leads
+    if np.shape(rngs) != (G,):
+        raise FisherError(f"rngs: need ({G},) keys (one per model), got shape {np.shape(rngs)}")
+    if stacked_data.traj_lens.shape[0] != G:
+        raise FisherError(f"stacked_data: leading axis {stacked_data.traj_lens.shape[0]} for {G} models")
+    return G
 
 
-# ------------------------------------------------------------------ edge: config -> Fisher files
+@functools.partial(jax.jit, static_argnames=("cfg", "num_batches", "batch_size", "method", "sel", "chunk",
+                                             "every_task"))
+def _group(cfg, params, data, rngs, task_ids, act_dims, num_batches, batch_size, method, sel, chunk, every_task):
+    def one(p, d, key, task_id, act_dim):
+        run = lambda d, k, t: _from_data(cfg, p, d, k, t, num_batches, batch_size, method, sel, chunk, act_dim=act_dim)
+        if every_task:
+            return over_tasks(cfg, d, key, None, run, average_tasks, FisherError, "a multi-task Fisher")
+        return run(d, key, task_id)
 
-def _chunked_fisher(cfg: DTConfig, params, data: SegmentData, rng, *, num_batches: int, batch_size: int,
-                    method: str, subset, task=None, partial_dir: str, chunk_batches: int) -> FisherResult:
-    """`compute_fisher`, resumable: the batches run in chunks of `chunk_batches`, each chunk's sums
-    saved (atomically) under `partial_dir` and reused on a rerun, then added in order. The result
-    is the same whether or not the run was interrupted (it differs from one `compute_fisher` call
-    only in the order of the float sums)."""
-    sel = subset_selection(params, subset)
-
-    def one_task(data, key, task_id, tag):
-        total = None
-        for c, first in enumerate(range(0, num_batches, chunk_batches)):
-            path = os.path.join(partial_dir, f"{tag}_batches_{first:06d}")
-            if os.path.isdir(path):
-                part = orbax_read(os.path.join(path, "sums"), FisherError, "partial Fisher")
-                part = {"sums": [part["sums"][str(i)] for i in range(len(part["sums"]))], "n": part["n"]}
-            else:
-                part = jax.device_get(_from_data(cfg, params, data, key, task_id, min(chunk_batches, num_batches - first),
-                                                 batch_size, method, sel, None, None, first, True))
-                write_dir_atomic(path, {"sums": orbax_writer({"sums": {str(i): a for i, a in enumerate(part["sums"])},
-                                                              "n": np.asarray(part["n"])})})
-            total = part if total is None else {"sums": [a + b for a, b in zip(total["sums"], part["sums"])],
-                                                "n": total["n"] + part["n"]}
-        return finish_sums(params, sel, total["sums"], total["n"], num_batches, method)
-
-    if not cfg.multi:
-        return one_task(data, rng, None, "model")
-    if task is not None:
-        t = cfg.task_index(task)
-        return one_task(pad_to(data, cfg.state_dim, cfg.act_dim), rng, jnp.int32(t), f"task{t}")
-    per_task = [one_task(jax.tree.map(lambda x: x[t], data), jax.random.fold_in(rng, t), jnp.int32(t), f"task{t}")
-                for t in range(len(cfg.tasks))]
-    return average_tasks(jax.tree.map(lambda *xs: jnp.stack(xs), *per_task))
+    return jax.vmap(one)(params, data, rngs, task_ids, act_dims)
 
 
-@dataclasses.dataclass(frozen=True)
-class FisherRun:
-    """One Fisher computation (configs/fisher.py's fields, typed; see that file)."""
-
-    checkpoint: str = ""
-    dataset: tuple[str, ...] = ()
-    method: str = "faithful"
-    num_batches: int = 100
-    batch_size: int = 64
-    subset: str = "blocks"
-    spec_info: bool = False
-    chunk_batches: int = 25
-    seed: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.dataset, str):
-            raise TypeError("FisherRun.dataset: a tuple of dataset specs, not a string")
-        object.__setattr__(self, "dataset", tuple(self.dataset))
-
-    def run_config(self) -> dict:
-        """This run in configs/fisher.py's layout, as the partial folder records it."""
-        return dataclasses.asdict(self) | {"dataset": ",".join(self.dataset)}
+def widest_config(cfgs: Sequence[DTConfig]) -> DTConfig:
+    """The one single-task shape of `cfgs`: the widest state and action, every other field shared
+    (refused otherwise: such models cannot be grouped)."""
+    if not cfgs or any(c.multi for c in cfgs):
+        raise FisherError("cfgs: padding groups single-task models (one or more)")
+    wide = cfgs[0].replace(state_dim=max(c.state_dim for c in cfgs), act_dim=max(c.act_dim for c in cfgs))
+    for i, c in enumerate(cfgs):
+        if c.replace(state_dim=wide.state_dim, act_dim=wide.act_dim) != wide:
+            raise FisherError(f"cfgs[{i}]: differs from cfgs[0] in more than state_dim/act_dim; not one group")
+    return wide
 
 
-def fisher_run(config: FisherRun, workdir: str) -> str:
-    """Run configs/fisher.py: the Fisher of a checkpoint on its dataset(s) -> `workdir` (fisher/ +
-    fisher.json); returns a one-line summary."""
-    from mdt_jax import checkpoint
-    from mdt_jax.data.loading import model_task_data
+def pad_params(wide: DTConfig, params) -> dict:
+    """`params` zero-padded to `wide`'s shapes (embed_state rows, embed_action rows, predict_action
+    columns): the padded model's output on the real dims is the original's."""
+    shapes = trees.flatten(param_shapes(wide))
+    flat = trees.flatten(params)
+    if set(flat) != set(shapes):
+        raise FisherError(f"params: not the tree of {wide.tasks or 'a single-task'} model: "
+                          f"{sorted(set(flat) ^ set(shapes))[:5]}")
+    out = {}
+    for k, x in flat.items():
+        want = shapes[k].shape
+        if len(want) != np.ndim(x) or any(s > w for s, w in zip(np.shape(x), want)):
+            raise FisherError(f"params: {k} has shape {np.shape(x)}, which does not fit in {want}")
+        out[k] = jnp.pad(x, [(0, w - s) for s, w in zip(np.shape(x), want)])
+    return trees.unflatten(out)
 
-    if config.method not in METHODS:
-        raise ValueError(f"config.method: unknown Fisher method {config.method!r}; choose one of {METHODS}")
-    for f in ("num_batches", "batch_size"):
-        if getattr(config, f) <= 0:
-            raise ValueError(f"config.{f}: must be a positive int, got {getattr(config, f)}")
-    if not config.checkpoint:
-        raise ValueError("config.checkpoint: no model checkpoint given")
-    datasets = list(config.dataset)
-    if not datasets:
-        raise ValueError("config.dataset: no dataset given (a .hdf5/.pkl path or minari:<id>)")
-    if os.path.isdir(workdir) and os.listdir(workdir):
-        raise FileExistsError(f"{workdir} already exists and is not empty; use a new --workdir")
-    cb = config.chunk_batches
-    if not isinstance(cb, int) or cb <= 0:
-        raise ValueError(f"config.chunk_batches: must be a positive int, got {cb!r}")
-    model = checkpoint.load(config.checkpoint)
-    cfg, params = model.cfg, model.params
-    common = dict(num_batches=config.num_batches, batch_size=config.batch_size, method=config.method,
-                  subset=config.subset or DEFAULT_SUBSET)
-    rng = jax.random.key(config.seed)
-    partial = os.path.abspath(workdir).rstrip("/") + ".partial"
-    run_config_guard(partial, config.run_config() | {"checkpoint": os.path.abspath(config.checkpoint)})
-    compute_fisher = functools.partial(_chunked_fisher, partial_dir=partial, chunk_batches=cb)
-    tasks, data, task = model_task_data(model, datasets, one_task=bool(config.spec_info))
-    result = compute_fisher(cfg, params, data, rng, **({"task": task} if task else {}), **common)
-    result = jax.device_get(result)
-    record = {"checkpoint": os.path.abspath(config.checkpoint), "datasets": datasets, "tasks": tasks,
-              "spec_info": bool(config.spec_info), "subset": common["subset"], "seed": int(config.seed),
-              "batch_size": int(config.batch_size), "num_batches_per_task": int(config.num_batches)}
-    out = save_fisher(workdir, result, record)
-    shutil.rmtree(partial, ignore_errors=True)
-    return (f"{config.method} Fisher over {result.n_batches} batches x {config.batch_size} "
-            f"({int(result.n_timesteps)} timesteps) on {','.join(map(str, tasks))}: "
-            f"trace {float(result.trace):.6g}, mean {float(result.mean):.6g} -> {out}")
+
+def unpad_result(cfg: DTConfig, result: FisherResult, subset=DEFAULT_SUBSET) -> FisherResult:
+    """One member's Fisher (no model axis) of a padded group, sliced to its own `cfg`'s shapes; the
+    mean recounted over its own subset (the padded entries are 0, so the trace is unchanged)."""
+    shapes = param_shapes(cfg)
+    fisher = jax.tree.map(lambda f, s: f[tuple(slice(0, n) for n in s.shape)], result.fisher, shapes)
+    sel = subset_selection(shapes, subset)
+    count = sum(x.size for x, k in zip(jax.tree.leaves(shapes), sel) if k)
+    return result.replace(fisher=fisher, mean=result.trace / count)

@@ -270,7 +270,7 @@ def merge_stage(spec: MergeSpec, workdir: str) -> MergeResult:
     them (and, with `eval_inputs`, the inputs) and write `workdir/merge.json`. Killed, the same call
     resumes: each evaluation is cached in `workdir/stages`, each checkpoint written once; a
     different spec on the same workdir is refused."""
-    from mdt_jax.fisher import load_fishers
+    from mdt_jax.fisher_stage import load_fishers
     from mdt_jax.fileio import run_config_guard
 
     if os.path.exists(os.path.join(workdir, "merge.json")):

@@ -119,14 +119,18 @@ def _train(config, workdir: str, *, task: str, dataset: str, seed: int, init_see
     return train_run(spec, workdir)
 
 
-def _fisher(config, workdir: str, model: str, dataset: str, seed: int, spec_info: bool = False) -> str:
-    from mdt_jax.fisher import META_FILE, FisherRun, fisher_run
+def _fishers(config, workdirs: list[str], models: list[str], datasets: list[str], seed: int,
+             spec_info: bool = False) -> list[str]:
+    """The Fishers of a set's models, each on its own data, in one grouped call (`fisher_group_run`;
+    members already written are skipped); their folders."""
+    from mdt_jax.fisher_stage import META_FILE, FisherRun, fisher_group_run
 
-    if not os.path.exists(os.path.join(workdir, META_FILE)):
-        _log(f"fisher {os.path.basename(workdir)}")
-        fields = config_dict(config.fisher) | dict(checkpoint=model, dataset=(dataset,), seed=seed, spec_info=spec_info)
-        fisher_run(FisherRun(**fields), workdir)
-    return workdir
+    for w in workdirs:
+        if not os.path.exists(os.path.join(w, META_FILE)):
+            _log(f"fisher {os.path.basename(w)}")
+    fields = config_dict(config.fisher) | dict(seed=seed, spec_info=spec_info)
+    fisher_group_run([FisherRun(**fields, checkpoint=m, dataset=(d,)) for m, d in zip(models, datasets)], workdirs)
+    return list(workdirs)
 
 
 def _gram(config, workdir: str, model: str, dataset: str, seed: int) -> str:
@@ -237,8 +241,8 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                                init_trunk_from=pretrained if name == "pretrained" else "")
                         for i, t in enumerate(tasks)]
     for name in sets:
-        fishers = [_fisher(config, os.path.join(sdir, f"fisher_{name}_{t}"), m, data[t], seed)
-                   for t, m in zip(tasks, models[name])]
+        fishers = _fishers(config, [os.path.join(sdir, f"fisher_{name}_{t}") for t in tasks], models[name],
+                           [data[t] for t in tasks], seed)
         variants = [("average", "attn,mlp"), ("fisher", "attn,mlp")] + ([("average", "blocks")] if name == "common"
                                                                           else [])
         for k, (method, subset) in enumerate(variants):
@@ -280,8 +284,8 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     fts = [_train(config, os.path.join(sdir, f"ft_{t}"), task=t, dataset=data[t], seed=100 * seed + 91 + i,
                   init_from=mt, num_steps=config.multi.finetune_steps, train=ft_train)
            for i, t in enumerate(tasks)]
-    ft_fishers = [_fisher(config, os.path.join(sdir, f"fisher_ft_{t}"), m, data[t], seed, spec_info=True)
-                  for t, m in zip(tasks, fts)]
+    ft_fishers = _fishers(config, [os.path.join(sdir, f"fisher_ft_{t}") for t in tasks], fts, [data[t] for t in tasks],
+                          seed, spec_info=True)
     select_seed = select_seeds(config, seed)
     p3_rows = _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
                      checkpoints=tuple(fts), eval_inputs=True, select_seed=select_seed)

@@ -57,8 +57,8 @@ def train_from_config(config, workdir: str) -> str:
 
 
 def fisher_from_config(config, workdir: str) -> str:
-    """Run configs/fisher.py (`fisher.fisher_run`)."""
-    from mdt_jax.fisher import FisherRun, fisher_run
+    """Run configs/fisher.py (`fisher_stage.fisher_run`)."""
+    from mdt_jax.fisher_stage import FisherRun, fisher_run
 
     return fisher_run(FisherRun(**(config_dict(config) | {"dataset": tuple(split_list(config.dataset))})), workdir)
 

@@ -634,7 +634,7 @@ class SearchSpec:
 def search_run(config: SearchSpec, workdir: str) -> str:
     """Run configs/search.py: load the finetunes (and base, Fishers), search, report; write search.json."""
     from mdt_jax import checkpoint, envs, evaluate as ev
-    from mdt_jax.fisher import load_fishers
+    from mdt_jax.fisher_stage import load_fishers
     from mdt_jax.results import results_table
     from mdt_jax.fileio import run_config_guard
 

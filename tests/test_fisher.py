@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mdt_jax import checkpoint, fisher as F, run, subsets
+from mdt_jax import checkpoint, fisher as F, fisher_stage as FS, run, subsets
 from mdt_jax.data import sample_batch, save_d4rl_hdf5, segment_data, stack_segment_data
 from mdt_jax.models import DTConfig, apply, init_params
 from mdt_jax.train import action_loss
@@ -167,30 +167,30 @@ def test_multitask_average_is_the_reference_combination_and_spec_info_is_one_tas
 
 
 def test_artifact_round_trip_and_refusals(faithful, tmp_path):
-    out = F.save_fisher(tmp_path / "f", faithful, {"task": "hopper"})
-    got, meta = F.load_fisher(out)
+    out = FS.save_fisher(tmp_path / "f", faithful, {"task": "hopper"})
+    got, meta = FS.load_fisher(out)
     assert meta == {"task": "hopper"} and got.method == "faithful" and got.n_batches == NB
     assert int(got.n_timesteps) == int(faithful.n_timesteps)
     assert got.trace == faithful.trace and got.mean == faithful.mean
     jax.tree.map(np.testing.assert_array_equal, got.fisher, faithful.fisher)
     with pytest.raises(FileExistsError):
-        F.save_fisher(out, faithful)
+        FS.save_fisher(out, faithful)
     stacked = jax.tree.map(lambda x: jnp.stack([x, x]), faithful)
     with pytest.raises(F.FisherError, match="one model"):
-        F.save_fisher(tmp_path / "g", stacked)
+        FS.save_fisher(tmp_path / "g", stacked)
     assert not (tmp_path / "g").exists()
 
 
 def _tampered(tmp_path, name, faithful, edit):
     d = tmp_path / name
-    F.save_fisher(d, faithful)
+    FS.save_fisher(d, faithful)
     edit(d)
     return d
 
 
 def _arrays(value):
     def edit(d):
-        tree = jax.tree.map(np.asarray, F.load_fisher(d)[0].fisher)
+        tree = jax.tree.map(np.asarray, FS.load_fisher(d)[0].fisher)
         tree["block_1"]["ln_2"]["scale"][0] = value
         shutil.rmtree(d / "fisher")
         ckptr = ocp.StandardCheckpointer()
@@ -217,16 +217,16 @@ def _json(edit_meta):
 def test_corrupt_artifacts_are_refused_naming_the_path(faithful, tmp_path, name, edit, needle):
     d = _tampered(tmp_path, name, faithful, edit)
     with pytest.raises(F.FisherError) as e:
-        F.load_fisher(d)
+        FS.load_fisher(d)
     assert needle in str(e.value) and str(d) in str(e.value)
 
 
 def test_model_checkpoint_is_not_a_fisher(tmp_path):
     checkpoint.save(tmp_path / "model", PARAMS, CFG, {})
     with pytest.raises(F.FisherError, match="fisher.json is missing"):
-        F.load_fisher(tmp_path / "model")
+        FS.load_fisher(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        F.load_fisher(tmp_path / "nowhere")
+        FS.load_fisher(tmp_path / "nowhere")
 
 
 def _cli(tmp_path, workdir, *extra):
@@ -245,7 +245,7 @@ def test_cli_uses_the_checkpoints_normalisation_and_refuses_unknown_method(tmp_p
     save_d4rl_hdf5(ds, str(tmp_path / "d.hdf5"))
     r = _cli(tmp_path, tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    got, meta = F.load_fisher(tmp_path / "out")
+    got, meta = FS.load_fisher(tmp_path / "out")
     assert meta["tasks"] == ["hopper"] and meta["subset"] == "blocks" and got.n_batches == NB
     own = DATA.replace(state_mean=jnp.full(11, 0.5), state_std=jnp.full(11, 2.0))
     want = F.compute_fisher(CFG, PARAMS, own, jax.random.key(0), num_batches=NB, batch_size=BS)
@@ -282,7 +282,7 @@ def test_cli_multi_task_chunked_sums_equal_one_pass(tmp_path):
         c = fisher_config.get_config()
         c.checkpoint, c.dataset, c.spec_info, c.num_batches, c.batch_size, c.chunk_batches = ck, ds, spec, 5, 8, cb
         run.fisher_from_config(c, str(tmp_path / name))
-        runs[name] = F.load_fisher(tmp_path / name)[0]
+        runs[name] = FS.load_fisher(tmp_path / name)[0]
         assert not (tmp_path / f"{name}.partial").exists()
     for a, b in (("all_2", "all_9"),):
         assert runs[a].n_batches == runs[b].n_batches and int(runs[a].n_timesteps) == int(runs[b].n_timesteps)

@@ -6,7 +6,7 @@ import nbformat
 import numpy as np
 from nbclient import NotebookClient
 
-from mdt_jax import checkpoint, fisher as F
+from mdt_jax import checkpoint, fisher as F, fisher_stage as FS
 from mdt_jax.data import segment_data
 from mdt_jax.models import DTConfig, init_params
 from synth import make_dataset
@@ -25,7 +25,7 @@ def test_inspect_merge_notebook_executes(tmp_path, monkeypatch):
                                       {"task": task, "rtg_scale": 1000.0, "steps": 0} | stats))
         data = segment_data(ds, cfg.context_len, cfg.max_ep_len)
         res = F.compute_fisher(cfg, params, data, jax.random.key(10 + i), num_batches=2, batch_size=8)
-        fishers.append(F.save_fisher(tmp_path / f"fisher_{task}", res, {"tasks": [task]}))
+        fishers.append(FS.save_fisher(tmp_path / f"fisher_{task}", res, {"tasks": [task]}))
     for k, v in {"MDT_MODELS": ",".join(map(str, models)), "MDT_FISHERS": ",".join(map(str, fishers)),
                  "MDT_EPISODES": "2", "MDT_MAX_STEPS": "20", "MDT_PS": "0,0.5,1"}.items():
         monkeypatch.setenv(k, v)

@@ -74,7 +74,7 @@ def test_merge_sweep_killed_then_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_fisher_killed_then_resumed_equals_uninterrupted(tmp_path):
-    from mdt_jax import fisher as F
+    from mdt_jax import fisher_stage as F
     from mdt_jax.data import save_d4rl_hdf5
     from synth import make_dataset
 

@@ -64,7 +64,7 @@ def test_rows_keep_the_results_schema():
 
 def test_train_fisher_and_gram_runs_record_their_config_files_layout():
     from configs import fisher as fisher_cfg, gram as gram_cfg, train as train_cfg
-    from mdt_jax.fisher import FisherRun
+    from mdt_jax.fisher_stage import FisherRun
     from mdt_jax.regmean import GramRun
     from mdt_jax.run import train_run_spec
     from mdt_jax.training import TrainRun
