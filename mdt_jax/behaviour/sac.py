@@ -181,17 +181,10 @@ def train_chunk(pcfg: pol.PolicyConfig, cfg: SACConfig, num_updates: int, state:
 def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: bool = True,
                     std: str = "exp") -> np.ndarray:
     """Returns of `episodes` episodes of the actor (`std`: its config's), run together on the
-    native executor."""
+    native executor (`envs.run_episodes`: reset noise, then the actor's samples, from
+    `default_rng(seed)`; each episode until it ends or hits the time limit)."""
     env = envs.NativeBatchEnv(task, episodes, nthread=1)
-    act = pol.numpy_policy(params, deterministic, std)
-    rng = np.random.default_rng(seed)
-    obs = env.reset(rng)
-    ret, done = np.zeros(episodes), np.zeros(episodes, bool)
-    while not done.all():
-        obs, r, term, trunc, _ = env.step(act(obs, rng))
-        ret += np.where(done, 0.0, r)
-        done |= term | trunc
-    return ret
+    return envs.run_episodes(env, pol.numpy_policy(params, deterministic, std), rng=np.random.default_rng(seed)).returns
 
 
 # ---------------------------------------------------------------------------------------------
