@@ -2,19 +2,22 @@
 
 The DT's context is a fixed-size ring buffer (`Context`): step t writes slot t % K, and the policy
 reads the K slots oldest-first, left-padded with zeros and masked, exactly what the reference's
-`get_action` builds from its growing history (zero padding at evaluation). The return-to-go
+`get_action` builds from its growing history (zero padding at evaluation). It is one
+implementation over NumPy (the native host loop) or JAX (inside the mjx scan). The return-to-go
 starts at target / scale and decreases by r / scale each step; finished episodes are masked and
 stop accruing reward.
 
 Executors (`mdt_jax.envs`):
-- native (CPU): physics for every live episode runs in MuJoCo C; the policy is one jitted call
-  per step over the live episodes only, gathered per candidate into power-of-two buckets so that
-  the shapes (and compilations) stay few as episodes end.
+- native (CPU): the loop is `envs.run_episodes` with the DT as its episode policy; physics for
+  every episode runs in MuJoCo C; the policy is one jitted call per step over the live episodes
+  only, gathered per candidate into power-of-two buckets so that the shapes (and compilations)
+  stay few as episodes end.
 - mjx (GPU/TPU): policy plus physics for the whole episode is one `lax.scan`, vmapped over
   candidates and episodes.
 
 `evaluate_sequential` is the original protocol, step for step: batch 1, a growing history cut
-to the last K steps, zero padding. It exists to check the batched evaluator against.
+to the last K steps, zero padding (the same `envs.run_episodes` loop on a one-slot env). It
+exists to check the batched evaluator against.
 """
 from __future__ import annotations
 
