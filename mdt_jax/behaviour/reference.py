@@ -15,8 +15,8 @@ envs. This module measures the two anchors of a normalised score on our own envs
 Every policy starts from the evaluator's episode starts for the seed (`evaluate.reset_states`,
 so episode e starts where a DT's episode e does under `mdt_jax.evaluate` with that seed), all
 episodes stepped together on the native executor (`envs.run_episodes`) until each has
-terminated or reached the 1000-step time limit. `envs.tasks.v5_normalized_score` reads the committed table of these
-measurements (mdt_jax/envs/v5_reference.json).
+terminated or reached the 1000-step time limit. `envs.tasks.v5_normalized_score` reads the
+committed table of these measurements (mdt_jax/envs/v5_reference.json).
 """
 from __future__ import annotations
 

@@ -249,6 +249,10 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     actor_np = jax.tree.map(np.asarray, state.actor)
     t0, steps0, last = time.time() - host["wall_s"], host["env_steps"], time.time()
+    # The acting loop is not `envs.run_episodes`: it is a continuing actor-learner stream, not a
+    # batch of episodes run to their end. Slots never retire, episodes straddle the chunk
+    # boundaries (their returns carry over between chunks and a resume restarts them), and the
+    # policy switches from uniform to the actor at a global step count inside a chunk.
     while host["env_steps"] < env_steps:
         rows = {k: [] for k in ("obs", "act", "rew", "next_obs", "term")}
         acting = pol.numpy_policy(actor_np)
