@@ -2,19 +2,22 @@
 
 The DT's context is a fixed-size ring buffer (`Context`): step t writes slot t % K, and the policy
 reads the K slots oldest-first, left-padded with zeros and masked, exactly what the reference's
-`get_action` builds from its growing history (zero padding at evaluation). The return-to-go
+`get_action` builds from its growing history (zero padding at evaluation). It is one
+implementation over NumPy (the native host loop) or JAX (inside the mjx scan). The return-to-go
 starts at target / scale and decreases by r / scale each step; finished episodes are masked and
 stop accruing reward.
 
 Executors (`mdt_jax.envs`):
-- native (CPU): physics for every live episode runs in MuJoCo C; the policy is one jitted call
-  per step over the live episodes only, gathered per candidate into power-of-two buckets so that
-  the shapes (and compilations) stay few as episodes end.
+- native (CPU): the loop is `envs.run_episodes` with the DT as its episode policy; physics for
+  every episode runs in MuJoCo C; the policy is one jitted call per step over the live episodes
+  only, gathered per candidate into power-of-two buckets so that the shapes (and compilations)
+  stay few as episodes end.
 - mjx (GPU/TPU): policy plus physics for the whole episode is one `lax.scan`, vmapped over
   candidates and episodes.
 
 `evaluate_sequential` is the original protocol, step for step: batch 1, a growing history cut
-to the last K steps, zero padding. It exists to check the batched evaluator against.
+to the last K steps, zero padding (the same `envs.run_episodes` loop on a one-slot env). It
+exists to check the batched evaluator against.
 """
 from __future__ import annotations
 
@@ -50,29 +53,86 @@ class TaskStats:
         return cls(norm.state_mean, norm.state_std, float(target_return), norm.rtg_scale)
 
 
+def _xp(x):
+    """The array namespace of a context's arrays: numpy for host ones, jax.numpy otherwise."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def _set(x, index, value):
+    """x with x[index] = value: in place for a NumPy array (the native loop's host buffer), a new
+    array for a JAX one (inside jit)."""
+    if isinstance(x, np.ndarray):
+        x[index] = value
+        return x
+    return x.at[index].set(value)
+
+
 @flax.struct.dataclass
 class Context:
-    """Ring buffer of the last K steps for N episodes; slot t % K holds step t."""
+    """Ring buffer of the last K steps for a batch of episodes; slot t % K holds step t.
 
-    states: jax.Array     # (N, K, S) normalised
-    actions: jax.Array    # (N, K, A)
-    rtg: jax.Array        # (N, K, 1) scaled
-    timesteps: jax.Array  # (N, K) int32
+    One implementation over an array namespace: the arrays are NumPy (the native executor's host
+    loop, written in place) or JAX (the mjx executor's `lax.scan`, functional); every function
+    below takes either. Batch axes lead (N, or (M, E) for M candidates x E episodes), then K.
+    """
+
+    states: jax.Array     # (*batch, K, S) normalised
+    actions: jax.Array    # (*batch, K, A)
+    rtg: jax.Array        # (*batch, K, 1) scaled
+    timesteps: jax.Array  # (*batch, K) int32
 
     @classmethod
-    def zeros(cls, n: int, K: int, state_dim: int, act_dim: int) -> "Context":
-        z = lambda *s: jnp.zeros((n, K) + s, jnp.float32)
-        return cls(z(state_dim), z(act_dim), z(1), jnp.zeros((n, K), jnp.int32))
+    def zeros(cls, n: int | tuple[int, ...], K: int, state_dim: int, act_dim: int, xp=jnp) -> "Context":
+        """An empty context for batch shape `n` in namespace `xp` (numpy or jax.numpy)."""
+        n = (n,) if isinstance(n, (int, np.integer)) else tuple(n)
+        z = lambda *s: xp.zeros(n + (K,) + s, xp.float32)
+        return cls(z(state_dim), z(act_dim), z(1), xp.zeros(n + (K,), xp.int32))
 
 
-def context_view(ctx: Context, t) -> tuple[jax.Array, ...]:
-    """(states, actions, rtg, timesteps, mask) oldest-first as of step t, zero-padded on the left."""
-    K = ctx.timesteps.shape[1]
-    order = (t + 1 + jnp.arange(K)) % K
-    mask = jnp.arange(K) >= K - 1 - jnp.minimum(t, K - 1)
-    pick = lambda x: jnp.where(mask.reshape((1, K) + (1,) * (x.ndim - 2)), x[:, order], 0)
-    return pick(ctx.states), pick(ctx.actions), pick(ctx.rtg), pick(ctx.timesteps), \
-        jnp.broadcast_to(mask, ctx.timesteps.shape).astype(jnp.float32)
+def _rows(ctx: Context, rows):
+    """The index of the batch axes: `rows` (an index tuple over them, e.g. a gather of the live
+    episodes) or all of them."""
+    return (slice(None),) * (ctx.timesteps.ndim - 1) if rows is None else tuple(rows)
+
+
+def context_write(ctx: Context, t, obs_norm, rtg, max_ep_len: int) -> Context:
+    """Write step t into slot t % K: its normalised state (*batch, <= S) (entries past its width
+    stay 0), scaled rtg (*batch,), timestep min(t, max_ep_len - 1), and a zero action (the
+    one to be predicted)."""
+    xp = _xp(ctx.timesteps)
+    slot = t % ctx.timesteps.shape[-1]
+    r = _rows(ctx, None) + (slot,)
+    return ctx.replace(states=_set(ctx.states, r + (slice(None, obs_norm.shape[-1]),), obs_norm),
+                       actions=_set(ctx.actions, r, 0.0),
+                       rtg=_set(ctx.rtg, r + (0,), rtg),
+                       timesteps=_set(ctx.timesteps, r, xp.minimum(t, max_ep_len - 1)))
+
+
+def context_set_action(ctx: Context, t, action, rows=None) -> Context:
+    """Store step t's predicted action (*rows, A) in slot t % K (of the episodes `rows` picks)."""
+    return ctx.replace(actions=_set(ctx.actions, _rows(ctx, rows) + (t % ctx.timesteps.shape[-1],), action))
+
+
+def context_view(ctx: Context, t, rows=None) -> tuple[jax.Array, ...]:
+    """(states, actions, rtg, timesteps, mask) oldest-first as of step t, zero-padded on the left:
+    window position j holds slot (t + 1 + j) % K, valid (mask 1) for the last min(t + 1, K)
+    positions. `rows` (an index tuple over the batch axes) gathers some episodes in the same pass."""
+    xp = _xp(ctx.timesteps)
+    K = ctx.timesteps.shape[-1]
+    order = (t + 1 + xp.arange(K)) % K
+    valid = xp.arange(K) >= K - 1 - xp.minimum(t, K - 1)
+    index = _rows(ctx, rows) + (order,)
+    # a concrete all-valid mask (t >= K - 1 on the host) needs no padding pass
+    pad = not (isinstance(valid, np.ndarray) and valid.all())
+
+    def pick(x):
+        w = x[index]
+        nb = w.ndim - x.ndim + ctx.timesteps.ndim - 1  # the batch axes of the window
+        return xp.where(valid.reshape((1,) * nb + (K,) + (1,) * (w.ndim - nb - 1)), w, 0) if pad else w
+
+    ts = pick(ctx.timesteps)
+    return pick(ctx.states), pick(ctx.actions), pick(ctx.rtg), ts, \
+        xp.broadcast_to(valid.astype(xp.float32), ts.shape)
 
 
 def policy_step(cfg: DTConfig, params, ctx: Context, t, obs_norm, rtg, task_id=None):
@@ -80,15 +140,10 @@ def policy_step(cfg: DTConfig, params, ctx: Context, t, obs_norm, rtg, task_id=N
 
     obs_norm (N, S) is already normalised; rtg (N,) is scaled. Returns (actions (N, A), ctx).
     """
-    slot = t % ctx.timesteps.shape[1]
-    ts = jnp.minimum(t, cfg.max_ep_len - 1)
-    ctx = ctx.replace(states=ctx.states.at[:, slot].set(obs_norm),
-                      actions=ctx.actions.at[:, slot].set(0.0),
-                      rtg=ctx.rtg.at[:, slot, 0].set(rtg),
-                      timesteps=ctx.timesteps.at[:, slot].set(ts))
+    ctx = context_write(ctx, t, obs_norm, rtg, cfg.max_ep_len)
     s, a, r, tt, m = context_view(ctx, t)
     action = apply(cfg, params, s, a, r, tt, m, task_id, outputs="last")
-    return action, ctx.replace(actions=ctx.actions.at[:, slot].set(action))
+    return action, context_set_action(ctx, t, action)
 
 
 @dataclasses.dataclass
@@ -237,64 +292,55 @@ def native_policy(cfg, vmapped, params, window, mask, task_id):
     return jax.lax.map(lambda x: one(*x), (params, *window))
 
 
+class _NativeDT:
+    """M candidates' DT as an `envs.EpisodePolicy` over M x E env slots (slot m * E + e is
+    candidate m's episode e): a host `Context` (M, E) and return-to-go per episode; each step
+    writes every episode's step t, then runs the policy on each candidate's live episodes only,
+    gathered first (padded with finished ones) into a power-of-two bucket so that the shapes (and
+    compilations) stay few as episodes end. A finished episode keeps its last action."""
+
+    def __init__(self, cfg: DTConfig, params, M: int, task: envs.Task, tid, stats: TaskStats, E: int, shard):
+        self.cfg, self.params, self.M, self.E, self.task, self.shard = cfg, params, M, E, task, shard
+        self.tid = jnp.int32(tid) if tid is not None else None
+        self.mean, self.std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
+        self.rtg0, self.scale = stats.target_return / stats.rtg_scale, stats.rtg_scale
+        self.cand = np.arange(M)[:, None]
+
+    def reset(self, n: int) -> None:
+        M, E, cfg = self.M, self.E, self.cfg
+        self.ctx = Context.zeros((M, E), cfg.context_len, cfg.state_dim, cfg.act_dim, xp=np)
+        self.rtg = np.full((M, E), self.rtg0, np.float32)
+        self.actions = np.zeros((M, E, self.task.act_dim))
+
+    def __call__(self, obs, t, live):
+        M, E, cand = self.M, self.E, self.cand
+        live = live.reshape(M, E)
+        n_live = live.sum(1)
+        b = bucket(int(n_live.max()), E)
+        idx = np.argsort(~live, axis=1, kind="stable")[:, :b]  # per candidate: its live episodes first
+        self.ctx = context_write(self.ctx, t, (obs.reshape(M, E, -1) - self.mean) / self.std, self.rtg,
+                                 self.cfg.max_ep_len)
+        *window, mask = context_view(self.ctx, t, rows=(cand[..., None], idx[..., None]))
+        if self.shard:
+            window = jax.device_put(window, self.shard)
+        a = np.asarray(native_policy(self.cfg, bool(self.shard), self.params, window, mask[0], self.tid))
+        self.ctx = context_set_action(self.ctx, t, a, rows=(cand, idx))
+        rows = np.nonzero(np.arange(b)[None] < n_live[:, None])
+        self.actions[rows[0], idx[rows]] = a[..., :self.task.act_dim][rows]
+        return self.actions.reshape(M * E, -1)
+
+    def observe(self, reward) -> None:
+        self.rtg = self.rtg - (reward.reshape(self.M, self.E) / self.scale).astype(np.float32)
+
+
 def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
-    E, K = episodes, cfg.context_len
-    qpos, qvel = reset_states(task, E, seed)
-    env = envs.NativeBatchEnv(task, M * E)
-    obs = env.set_state(np.tile(qpos, (M, 1)), np.tile(qvel, (M, 1))).reshape(M, E, -1)
+    E = episodes
     if shard := sharding.candidate_sharding(mesh, M):  # the policy's candidates split over devices
         params = jax.device_put(params, shard)
-    # the ring buffer (a host `Context`, slot t % K holds step t) and per-episode bookkeeping
-    ring = [np.zeros((M, E, K, cfg.state_dim), np.float32), np.zeros((M, E, K, cfg.act_dim), np.float32),
-            np.zeros((M, E, K, 1), np.float32), np.zeros((M, E, K), np.int32)]
-    states, acts, rtgs, times = ring
-    mean, std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
-    rtg = np.full((M, E), stats.target_return / stats.rtg_scale, np.float32)
-    done = np.zeros((M, E), bool)
-    ret = np.zeros((M, E))
-    length = np.zeros((M, E), np.int64)
-    nan = np.zeros((M, E), np.int64)
-    actions = np.zeros((M, E, task.act_dim))
-    tid = jnp.int32(tid) if tid is not None else None
-    cand = np.arange(M)[:, None]
-    for t in range(max_steps):
-        live = ~done
-        n_live = live.sum(1)
-        if not n_live.any():
-            break
-        b = bucket(int(n_live.max()), E)
-        # per candidate: its live episodes first, padded with finished ones
-        idx = np.argsort(done, axis=1, kind="stable")[:, :b]
-        slot = t % K  # write step t (state, rtg, timestep, zero action) as `policy_step` does
-        states[:, :, slot, :task.obs_dim] = (obs - mean) / std
-        acts[:, :, slot] = 0.0
-        rtgs[:, :, slot, 0] = rtg
-        times[:, :, slot] = min(t, cfg.max_ep_len - 1)
-        order = (t + 1 + np.arange(K)) % K  # the window oldest-first, zero-padded: `context_view`
-        valid = np.arange(K) >= K - 1 - min(t, K - 1)
-        window = [x[cand[..., None], idx[..., None], order] for x in ring]
-        if not valid.all():
-            for w in window:
-                w[:, :, ~valid] = 0
-        if shard:
-            window = jax.device_put(window, shard)
-        a = np.asarray(native_policy(cfg, bool(shard), params, window,
-                                      np.broadcast_to(valid.astype(np.float32), (b, K)), tid))
-        acts[cand, idx, slot] = a
-        a = a[..., :task.act_dim]
-        rows = np.nonzero(np.arange(b)[None] < n_live[:, None])
-        actions[rows[0], idx[rows]] = a[rows]
-        obs_f, r, term, trunc, info = env.step(actions.reshape(M * E, -1))
-        obs = obs_f.reshape(M, E, -1)
-        r = r.reshape(M, E)
-        ret += np.where(live, r, 0.0)
-        length += live
-        nan += live & info["nan_action"].reshape(M, E)
-        rtg = rtg - (r / stats.rtg_scale).astype(np.float32)
-        done |= (term | trunc).reshape(M, E)
-        if progress is not None:
-            progress(int(live.sum()))
-    return ret, length, nan
+    out = envs.run_episodes(envs.NativeBatchEnv(task, M * E), _NativeDT(cfg, params, M, task, tid, stats, E, shard),
+                            starts=tuple(np.tile(x, (M, 1)) for x in reset_states(task, E, seed)),
+                            max_steps=max_steps, progress=progress)
+    return out.returns.reshape(M, E), out.lengths.reshape(M, E), out.nan_actions.reshape(M, E)
 
 
 def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
@@ -379,6 +425,42 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
     return results
 
 
+class _History:
+    """The original protocol's policy state as an `envs.EpisodePolicy` on one env slot: the
+    episode's growing history of states, actions, rtg and timesteps, its last K steps given to
+    `policy(states, actions, rtg, timesteps, mask) -> (1, K, A)` left-padded with zeros."""
+
+    def __init__(self, cfg: DTConfig, task: envs.Task, stats: TaskStats, policy: Callable):
+        self.cfg, self.task, self.policy = cfg, task, policy
+        self.mean, self.std = np.asarray(stats.state_mean), np.asarray(stats.state_std)
+        self.rtg0, self.scale = stats.target_return / stats.rtg_scale, stats.rtg_scale
+
+    def reset(self, n: int) -> None:
+        if n != 1:
+            raise ValueError(f"the sequential protocol runs one episode at a time, got {n} slots")
+        self.states, self.rtg, self.ts = [], [self.rtg0], []
+        self.actions = np.zeros((0, self.cfg.act_dim), np.float32)
+
+    def __call__(self, obs, t, live):
+        cfg, K = self.cfg, self.cfg.context_len
+        self.states.append(obs[0])
+        self.ts.append(t)
+        self.actions = np.concatenate([self.actions, np.zeros((1, cfg.act_dim), np.float32)])
+        s = ((np.asarray(self.states[-K:]) - self.mean) / self.std).astype(np.float32)
+        s = np.pad(s, ((0, 0), (0, cfg.state_dim - self.task.obs_dim)))
+        a, r_ = self.actions[-K:], np.asarray(self.rtg[-K:], np.float32)[:, None]
+        tt = np.asarray(self.ts[-K:], np.int32)
+        L = len(s)
+        pad = lambda x: np.concatenate([np.zeros((K - L,) + x.shape[1:], x.dtype), x])[None]
+        mask = np.concatenate([np.zeros(K - L), np.ones(L)]).astype(np.float32)[None]
+        act = self.policy(pad(s), pad(a), pad(r_), pad(np.minimum(tt, cfg.max_ep_len - 1)), mask)[0, -1]
+        self.actions[-1] = act
+        return act[None, :self.task.act_dim]
+
+    def observe(self, reward) -> None:
+        self.rtg.append(self.rtg[-1] - float(reward[0]) / self.scale)
+
+
 def evaluate_sequential(cfg: DTConfig, params, task: str, stats: TaskStats, *, episodes: int = 1,
                         max_steps: int = 1000, seed: int = 0, policy: Callable | None = None) -> TaskResult:
     """The original protocol: one episode at a time, batch 1, growing history cut to the last K.
@@ -388,45 +470,17 @@ def evaluate_sequential(cfg: DTConfig, params, task: str, stats: TaskStats, *, e
     """
     task = envs.get_task(task)
     tid = _check_task_fits(cfg, task)
-    K = cfg.context_len
     if policy is None:
         fwd = jax.jit(lambda s, a, r, t, m: apply(cfg, params, s, a, r, t, m,
                                                   None if tid is None else jnp.full((1,), tid)))
         policy = lambda *x: np.asarray(fwd(*x))
     qpos, qvel = reset_states(task, episodes, seed)
     env = envs.NativeBatchEnv(task, 1, nthread=1)
-    mean, std = np.asarray(stats.state_mean), np.asarray(stats.state_std)
-    rets, lens, nans = [], [], []
-    for e in range(episodes):
-        obs = env.set_state(qpos[e:e + 1], qvel[e:e + 1])[0]
-        states = [obs]
-        actions = np.zeros((0, cfg.act_dim), np.float32)
-        rtg = [stats.target_return / stats.rtg_scale]
-        ts = [0]
-        ret, n, bad = 0.0, 0, 0
-        for t in range(max_steps):
-            actions = np.concatenate([actions, np.zeros((1, cfg.act_dim), np.float32)])
-            s = ((np.asarray(states[-K:]) - mean) / std).astype(np.float32)
-            s = np.pad(s, ((0, 0), (0, cfg.state_dim - task.obs_dim)))
-            a, r_, tt = actions[-K:], np.asarray(rtg[-K:], np.float32)[:, None], np.asarray(ts[-K:], np.int32)
-            L = len(s)
-            pad = lambda x: np.concatenate([np.zeros((K - L,) + x.shape[1:], x.dtype), x])[None]
-            mask = np.concatenate([np.zeros(K - L), np.ones(L)]).astype(np.float32)[None]
-            act = policy(pad(s), pad(a), pad(r_), pad(np.minimum(tt, cfg.max_ep_len - 1)), mask)[0, -1]
-            actions[-1] = act
-            obs, r, term, trunc, info = env.step(act[None, :task.act_dim])
-            ret += float(r[0])
-            n += 1
-            bad += int(info["nan_action"][0])
-            states.append(obs[0])
-            rtg.append(rtg[-1] - float(r[0]) / stats.rtg_scale)
-            ts.append(t + 1)
-            if term[0] or trunc[0]:
-                break
-        rets.append(ret)
-        lens.append(n)
-        nans.append(bad)
-    return TaskResult(task.name, np.asarray([rets]), np.asarray([lens]), np.asarray([nans]), stats.target_return)
+    history = _History(cfg, task, stats, policy)
+    runs = [envs.run_episodes(env, history, starts=(qpos[e:e + 1], qvel[e:e + 1]), max_steps=max_steps)
+            for e in range(episodes)]
+    field = lambda f: np.asarray([[getattr(r, f)[0] for r in runs]])
+    return TaskResult(task.name, field("returns"), field("lengths"), field("nan_actions"), stats.target_return)
 
 
 def evaluate_checkpoint(path: str, tasks=(), *, episodes: int = 10, max_steps: int = 1000, seed: int = 0,

@@ -227,3 +227,118 @@ def test_registry_and_scores():
     assert [envs.target_return(n) for n in ("hopper", "halfcheetah", "walker2d")] == [3600, 12000, 5000]
     model = envs.get_task("walker2d").load_model()
     assert model.geom("foot_geom").friction[0] == 1.9  # the v5 MJCF, not walker2d.xml
+
+
+# --- envs.run_episodes: the one rollout loop -------------------------------------------------
+
+def _starts(name, n, seed=0):
+    env = envs.NativeBatchEnv(name, n, nthread=1)
+    env.reset(seed)
+    return env.state()
+
+
+def test_run_episodes_batch_equals_one_slot_runs_and_masks_finished_slots():
+    """N episodes stepped together give each episode what it gets alone on a one-slot env (an
+    elementwise policy, so no batch-size-dependent BLAS rounding), bit for bit; the recorded steps
+    are consistent with the bookkeeping."""
+    policy = lambda obs, rng: np.tanh(3.0 * obs[:, 2:5])
+    qpos, qvel = _starts("hopper", 5)
+    out = envs.run_episodes(envs.NativeBatchEnv("hopper", 5, nthread=1), policy, rng=np.random.default_rng(0),
+                            starts=(qpos, qvel), max_steps=150, record=True)
+    one = envs.NativeBatchEnv("hopper", 1, nthread=1)
+    alone = [envs.run_episodes(one, policy, rng=np.random.default_rng(0), starts=(qpos[e:e + 1], qvel[e:e + 1]),
+                               max_steps=150) for e in range(5)]
+    for f in ("returns", "lengths", "nan_actions"):
+        np.testing.assert_array_equal(getattr(out, f), [getattr(a, f)[0] for a in alone])
+    assert out.lengths.min() < out.lengths.max() <= 150  # episodes end at different steps: masking is exercised
+    live, s = out.steps["live"], out.steps
+    assert live.shape == (5, out.lengths.max())
+    np.testing.assert_array_equal(live.sum(1), out.lengths)
+    np.testing.assert_array_equal(live, np.arange(live.shape[1])[None] < out.lengths[:, None])  # a live prefix
+    np.testing.assert_array_equal(np.cumsum(np.where(live, s["rewards"], 0.0), 1)[:, -1], out.returns)  # in step order
+    ended = out.lengths < 150
+    last = s["terminals"][np.arange(5), out.lengths - 1] | s["timeouts"][np.arange(5), out.lengths - 1]
+    np.testing.assert_array_equal(last[ended], True)
+    eps = out.episodes()
+    assert [len(e["rewards"]) for e in eps] == out.lengths.tolist()
+
+
+class _Recorder:
+    """An EpisodePolicy that acts with zeros on live slots and NaN on finished ones, and records
+    what the loop gives it."""
+
+    def __init__(self, act_dim):
+        self.act_dim = act_dim
+
+    def reset(self, n):
+        self.n, self.calls, self.rewards = n, [], []
+
+    def __call__(self, obs, t, live):
+        self.calls.append((t, live.copy()))
+        return np.where(live[:, None], 0.0, np.nan) * np.ones((obs.shape[0], self.act_dim))
+
+    def observe(self, reward):
+        self.rewards.append(reward)
+
+
+def test_run_episodes_episode_policy_protocol_and_the_max_steps_cut():
+    pol, seen = _Recorder(6), []
+    out = envs.run_episodes(envs.NativeBatchEnv("halfcheetah", 3, nthread=1), pol, starts=_starts("halfcheetah", 3),
+                            max_steps=40, record=True, progress=seen.append)
+    assert pol.n == 3 and [t for t, _ in pol.calls] == list(range(40))  # halfcheetah never terminates: cut at 40
+    np.testing.assert_array_equal(out.lengths, 40)
+    np.testing.assert_array_equal(np.stack(pol.rewards, 1), out.steps["rewards"])
+    np.testing.assert_array_equal(out.returns, np.sum(pol.rewards, 0))
+    assert seen == [3] * 40 and not out.nan_actions.any()
+    assert [len(e["rewards"]) for e in out.episodes()] == [40] * 3  # cut episodes are kept, unfinished
+    # hopper: slots that fell are stepped with NaN actions while the others go on, never counted
+    pol, seen = _Recorder(3), []
+    hop = envs.run_episodes(envs.NativeBatchEnv("hopper", 4, nthread=1), pol, starts=_starts("hopper", 4, seed=2),
+                            max_steps=1000, progress=seen.append)
+    assert hop.lengths.min() < hop.lengths.max() < 1000 and not hop.nan_actions.any()
+    assert seen == [int(live.sum()) for _, live in pol.calls] and len(seen) == hop.lengths.max()
+    np.testing.assert_array_equal(sum(live for _, live in pol.calls), hop.lengths)
+
+
+def test_run_episodes_auto_reset_runs_slots_until_slot_steps():
+    n, slot_steps = 3, 60
+    out = envs.run_episodes(envs.NativeBatchEnv("hopper", n, nthread=1),
+                            lambda obs, rng: rng.uniform(-1, 1, (obs.shape[0], 3)), rng=np.random.default_rng(1),
+                            slot_steps=slot_steps, record=True)
+    eps = out.episodes()
+    assert len(eps) > n  # falling random hoppers: several episodes per slot
+    per_slot, i = [], 0
+    for slot in range(n):
+        total = 0
+        while total < out.lengths[slot]:
+            ep = eps[i]
+            assert ep["terminals"][-1] or ep["timeouts"][-1]
+            assert not (ep["terminals"][:-1] | ep["timeouts"][:-1]).any()
+            np.testing.assert_array_equal(ep["observations"][1:], ep["next_observations"][:-1])
+            total, i = total + len(ep["rewards"]), i + 1
+        per_slot.append(total)
+        # the slot stopped with the first episode that took it to slot_steps
+        assert total >= slot_steps and total - len(eps[i - 1]["rewards"]) < slot_steps
+    assert i == len(eps) and per_slot == out.lengths.tolist()
+    np.testing.assert_allclose(sum(e["rewards"].sum() for e in eps), out.returns.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["max_steps", "slot_steps", "stateful_auto_reset", "no_rng", "starts", "episodes"])
+def test_run_episodes_bad_input(case):
+    env = envs.NativeBatchEnv("hopper", 2, nthread=1)
+    plain, rng = (lambda obs, rng: np.zeros((2, 3))), np.random.default_rng(0)
+    with pytest.raises(ValueError, match={"max_steps": "max_steps", "slot_steps": "slot_steps",
+                                          "stateful_auto_reset": "slot_steps", "no_rng": "rng",
+                                          "starts": "starts", "episodes": "record"}[case]):
+        if case == "max_steps":
+            envs.run_episodes(env, plain, rng=rng, max_steps=0)
+        elif case == "slot_steps":
+            envs.run_episodes(env, plain, rng=rng, slot_steps=True)
+        elif case == "stateful_auto_reset":
+            envs.run_episodes(env, _Recorder(3), rng=rng, slot_steps=10)
+        elif case == "no_rng":
+            envs.run_episodes(env, plain, starts=_starts("hopper", 2))
+        elif case == "starts":
+            envs.run_episodes(env, plain, rng=rng, starts=_starts("hopper", 3))
+        else:
+            envs.run_episodes(env, plain, rng=rng, max_steps=3).episodes()

@@ -41,6 +41,37 @@ def test_ring_buffer_view_matches_growing_history():
         np.testing.assert_array_equal(np.asarray(ts)[0], [0] * (K - L) + list(range(t + 1 - L, t + 1)))
 
 
+def test_ring_buffer_is_one_implementation_over_numpy_and_jax():
+    """The native loop's host Context (NumPy, written in place) and the mjx path's (JAX, in jit)
+    hold and view the same bits; a gather of some episodes (`rows`) is the full view's rows."""
+    (M, E), K, S, A = (2, 3), 4, 5, 2
+    r = np.random.default_rng(0)
+    host = ev.Context.zeros((M, E), K, S, A, xp=np)
+    dev = ev.Context.zeros((M, E), K, S, A)
+    assert isinstance(host.states, np.ndarray) and isinstance(dev.states, jax.Array)
+    write = jax.jit(ev.context_write, static_argnums=4)
+    view, view_rows = jax.jit(ev.context_view), jax.jit(ev.context_view)
+    for t in range(9):
+        obs, rtg = r.normal(size=(M, E, S - 1)), r.normal(size=(M, E)).astype(np.float32)
+        host = ev.context_write(host, t, obs, rtg, 6)  # float64 states cast on the write, as the loop does
+        dev = write(dev, t, jnp.asarray(obs, jnp.float32), rtg, 6)
+        cand, idx = np.arange(M)[:, None], np.stack([r.permutation(E)[:2] for _ in range(M)])
+        a = r.normal(size=(M, 2, A)).astype(np.float32)
+        host = ev.context_set_action(host, t, a, rows=(cand, idx))
+        dev = jax.jit(ev.context_set_action)(dev, t, a, rows=(cand, idx))
+        for h, d in zip(jax.tree.leaves(host), jax.tree.leaves(dev)):
+            np.testing.assert_array_equal(h, d)
+        full = ev.context_view(host, t)
+        for h, d in zip(full, view(dev, t)):
+            np.testing.assert_array_equal(h, d)
+        for h, d, f in zip(ev.context_view(host, t, rows=(cand[..., None], idx[..., None])),
+                           view_rows(dev, t, rows=(cand[..., None], idx[..., None])), full):
+            np.testing.assert_array_equal(h, d)
+            np.testing.assert_array_equal(h, f[cand, idx])
+    assert host.timesteps.max() == 5  # clipped at max_ep_len - 1
+    np.testing.assert_array_equal(full[-1][0, 0], np.ones(K))
+
+
 def test_policy_step_equals_full_forward_on_the_window():
     cfg, p = hopper_model()
     r = np.random.default_rng(0)

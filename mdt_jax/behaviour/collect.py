@@ -17,10 +17,10 @@ import numpy as np
 
 from mdt_jax import envs
 from mdt_jax.data import OfflineDataset
+from mdt_jax.envs.rollout import FIELDS  # the D4RL arrays, in the order `envs.run_episodes` records them
 
-Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Policy = envs.Policy
 SLOT_STEPS = 4000  # per slot and wave: the steps lost while a wave's last episodes end are < 1/4 of it
-FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
 
 
 def uniform_policy(act_dim: int) -> Policy:
@@ -34,34 +34,11 @@ def run_wave(env: envs.NativeBatchEnv, policy: Policy, rng: np.random.Generator,
     wave ends when every slot is done. Returns the episodes slot by slot, in order.
 
     So the batch stays full however short the episodes are (falling random hoppers last ~20
-    steps); the steps a finished slot takes while the others end are dropped.
+    steps); the steps a finished slot takes while the others end are dropped. The loop is
+    `envs.run_episodes` with `slot_steps`; actions are clipped to [-1, 1] (and stored so).
     """
-    n = env.num_envs
-    obs = env.reset(rng)
-    held = np.zeros(n, np.int64)     # steps in finished episodes, per slot
-    ep_len = np.zeros(n, np.int64)
-    active = np.ones(n, bool)
-    steps = {k: [] for k in FIELDS + ("live",)}
-    while active.any():
-        act = np.clip(np.asarray(policy(obs, rng), np.float64), -1.0, 1.0)
-        nxt, r, term, trunc, _ = env.step(act)
-        for k, v in zip(steps, (obs, act, r, term, trunc, nxt, active.copy())):
-            steps[k].append(v)
-        ep_len += 1
-        done = (term | trunc) & active
-        held += np.where(done, ep_len, 0)
-        ep_len[term | trunc] = 0
-        active &= ~(done & (held >= slot_steps))
-        obs = env.reset_where(done & active, rng) if (done & active).any() else nxt
-    arr = {k: np.stack(v, 1) for k, v in steps.items()}  # (N, T, ...)
-    live = arr.pop("live")
-    episodes = []
-    for i in range(n):
-        rows = {k: v[i, live[i]] for k, v in arr.items()}
-        ends = np.flatnonzero(rows["terminals"] | rows["timeouts"]) + 1
-        for a, b in zip(np.r_[0, ends[:-1]], ends):
-            episodes.append({k: v[a:b] for k, v in rows.items()})
-    return episodes
+    clipped = lambda obs, rng: np.clip(np.asarray(policy(obs, rng), np.float64), -1.0, 1.0)
+    return envs.run_episodes(env, clipped, rng=rng, slot_steps=slot_steps, record=True).episodes()
 
 
 def _load_wave(path: str) -> list[dict]:

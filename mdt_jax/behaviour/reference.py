@@ -14,9 +14,9 @@ envs. This module measures the two anchors of a normalised score on our own envs
 
 Every policy starts from the evaluator's episode starts for the seed (`evaluate.reset_states`,
 so episode e starts where a DT's episode e does under `mdt_jax.evaluate` with that seed), all
-episodes stepped together on the native executor until each has terminated or reached the
-1000-step time limit. `envs.tasks.v5_normalized_score` reads the committed table of these
-measurements (mdt_jax/envs/v5_reference.json).
+episodes stepped together on the native executor (`envs.run_episodes`) until each has
+terminated or reached the 1000-step time limit. `envs.tasks.v5_normalized_score` reads the
+committed table of these measurements (mdt_jax/envs/v5_reference.json).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import platform
 import shlex
 import sys
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -36,7 +35,7 @@ FORMAT_VERSION = 1
 OUT_FILE = "reference_returns.json"
 MIN_EPISODES = 100
 
-Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Policy = envs.Policy
 
 
 def rollout_returns(task: str, policy: Policy, episodes: int, seed: int, *, rng_stream: int = 1,
@@ -46,19 +45,10 @@ def rollout_returns(task: str, policy: Policy, episodes: int, seed: int, *, rng_
     from mdt_jax import evaluate as ev
 
     t = envs.get_task(task)
-    qpos, qvel = ev.reset_states(t, episodes, seed)
-    env = envs.NativeBatchEnv(t, episodes, nthread=1)
-    obs = env.set_state(qpos, qvel)
-    rng = np.random.default_rng([seed, rng_stream])
-    ret, length, done = np.zeros(episodes), np.zeros(episodes, np.int64), np.zeros(episodes, bool)
-    for _ in range(max_steps):
-        obs, r, term, trunc, _info = env.step(policy(obs, rng))
-        ret += np.where(done, 0.0, r)
-        length += ~done
-        done |= term | trunc
-        if done.all():
-            break
-    return ret, length
+    out = envs.run_episodes(envs.NativeBatchEnv(t, episodes, nthread=1), policy,
+                            rng=np.random.default_rng([seed, rng_stream]), starts=ev.reset_states(t, episodes, seed),
+                            max_steps=max_steps)
+    return out.returns, out.lengths
 
 
 def _summary(ret: np.ndarray, length: np.ndarray, seed: int, **extra) -> dict:

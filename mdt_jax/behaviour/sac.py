@@ -181,17 +181,10 @@ def train_chunk(pcfg: pol.PolicyConfig, cfg: SACConfig, num_updates: int, state:
 def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: bool = True,
                     std: str = "exp") -> np.ndarray:
     """Returns of `episodes` episodes of the actor (`std`: its config's), run together on the
-    native executor."""
+    native executor (`envs.run_episodes`: reset noise, then the actor's samples, from
+    `default_rng(seed)`; each episode until it ends or hits the time limit)."""
     env = envs.NativeBatchEnv(task, episodes, nthread=1)
-    act = pol.numpy_policy(params, deterministic, std)
-    rng = np.random.default_rng(seed)
-    obs = env.reset(rng)
-    ret, done = np.zeros(episodes), np.zeros(episodes, bool)
-    while not done.all():
-        obs, r, term, trunc, _ = env.step(act(obs, rng))
-        ret += np.where(done, 0.0, r)
-        done |= term | trunc
-    return ret
+    return envs.run_episodes(env, pol.numpy_policy(params, deterministic, std), rng=np.random.default_rng(seed)).returns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +249,10 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     actor_np = jax.tree.map(np.asarray, state.actor)
     t0, steps0, last = time.time() - host["wall_s"], host["env_steps"], time.time()
+    # The acting loop is not `envs.run_episodes`: it is a continuing actor-learner stream, not a
+    # batch of episodes run to their end. Slots never retire, episodes straddle the chunk
+    # boundaries (their returns carry over between chunks and a resume restarts them), and the
+    # policy switches from uniform to the actor at a global step count inside a chunk.
     while host["env_steps"] < env_steps:
         rows = {k: [] for k in ("obs", "act", "rew", "next_obs", "term")}
         acting = pol.numpy_policy(actor_np)

@@ -2,13 +2,15 @@
 
 `make(task, executor, num_envs)` returns either a `NativeBatchEnv` (stateful, NumPy, for CPU) or
 a Brax env over MJX (functional, jittable, for accelerators). The mjx module (and brax) is
-imported only when asked for.
+imported only when asked for. `run_episodes` (envs/rollout.py) is the one loop that runs a batch
+of episodes of a host policy on the native executor.
 """
 from __future__ import annotations
 
 import jax
 
 from mdt_jax.envs.native import NativeBatchEnv
+from mdt_jax.envs.rollout import EpisodePolicy, Policy, Rollout, run_episodes
 from mdt_jax.envs.tasks import (TASKS, Task, get_task, is_healthy, normalized_score, observe, transition,
                                 v5_normalized_score, v5_reference)
 
@@ -51,6 +53,6 @@ def make(task: str | Task, executor: str = "auto", num_envs: int = 1, **options)
     return VmapWrapper(MjxEnv(task, **options), batch_size=num_envs)
 
 
-__all__ = ["EXECUTORS", "TASKS", "Task", "NativeBatchEnv", "get_task", "is_healthy", "make",
-           "normalized_score", "observe", "resolve_executor", "target_return", "transition", "v5_normalized_score",
-           "v5_reference"]
+__all__ = ["EXECUTORS", "TASKS", "EpisodePolicy", "Policy", "Rollout", "Task", "NativeBatchEnv", "get_task", "is_healthy",
+           "make", "normalized_score", "observe", "resolve_executor", "run_episodes", "target_return", "transition",
+           "v5_normalized_score", "v5_reference"]
