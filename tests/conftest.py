@@ -16,3 +16,14 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ.get("MDT_JAX_CACHE", _CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The files that take longest, longest first; the others follow in their usual order. Under
+# setup.cfg's `-n 2 --dist loadfile` each worker takes whole files from the front of this order as
+# it frees up, so no long file starts last and runs alone while the other worker idles.
+LONGEST_FIRST = ("test_reproduce.py", "test_device_check.py", "test_envs.py", "test_notebook.py", "test_lm.py",
+                 "test_pipelines.py", "test_evaluate.py", "test_fisher.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, the file's order

@@ -29,13 +29,15 @@ def _env():
 
 def _git_status():
     """The worktree's status, ignored files included, less this test's own: bytecode of the modules
-    it imports and the compilation cache it hands the check."""
+    it imports and the compilation cache it hands the check; and less Hypothesis's example database
+    (.hypothesis/), which test files running alongside on the other pytest-xdist worker create."""
     if not os.path.exists(os.path.join(ROOT, ".git")):
         return None
     cache = os.path.relpath(_env()["JAX_COMPILATION_CACHE_DIR"], ROOT)
     out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
-    return [ln for ln in out.splitlines() if "__pycache__" not in ln and not ln[3:].startswith(cache)]
+    return [ln for ln in out.splitlines()
+            if "__pycache__" not in ln and not ln[3:].startswith((cache, ".hypothesis/"))]
 
 
 def _check(tmp_path, *args):
