@@ -5,6 +5,11 @@ loads each task's data with the normaliser it must use, sets the init (a seed, a
 pretrained trunk, a GPT-2 LM), trains with `train.fit` (resumable), optionally keeps the best
 checkpoint on held-out selection episodes, and saves `model/` (and `model_best/`) with the
 per-task normalisers. `launch.train` and the study call it; neither hands it a config.
+
+`train_group` trains several same-shaped runs in one vmapped program (the study's grouped
+training, `mdt_jax.reproduce.train_groups`): single-task DTs of different tasks padded to the
+widest state and action, multi-task DTs, or multi-task finetunes; each member is saved as
+`train_run` would save it, and the group resumes from one checkpoint of the stacked state.
 """
 from __future__ import annotations
 

@@ -205,3 +205,38 @@ def test_memory_estimate_counts_the_stacked_state():
     assert 3 * 4 * n_params <= one["state"] < 3 * 4 * n_params + 1024
     assert four["state"] > 4 * 3 * 4 * n_params and four["activations"] == 4 * one["activations"]
     assert four["total"] == sum(v for k, v in four.items() if k != "total")
+
+
+def _study_config(**group):
+    import tiny_study
+
+    c = tiny_study.get_config()
+    for k, v in group.items():
+        c.group[k] = v
+    return c
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("mode", "sometimes", "config.group.mode"),
+    ("max_models", -1, "config.group.max_models"),
+    ("max_models", 1, "config.group.max_models"),
+    ("max_bytes", -5, "config.group.max_bytes"),
+])
+def test_study_group_config_is_checked(field, value, needle):
+    from mdt_jax import reproduce as R
+
+    with pytest.raises(ValueError, match=needle):
+        R.check_config(_study_config(**{field: value}))
+
+
+def test_study_group_over_the_memory_budget_stops_before_anything_is_written(datasets, tmp_path):
+    """The study's grouped stage refuses a group that does not fit `config.group.max_bytes`,
+    estimated from the shapes, before any member's workdir or the group's is made (and so before
+    any results.json); with mode 'off' it trains nothing."""
+    from mdt_jax import reproduce as R
+
+    data = {t: datasets[t] for t in ("hopper", "walker2d")}
+    with pytest.raises(ValueError, match=r"max_bytes \(config\.group\.max_bytes\)"):
+        R.train_groups(_study_config(max_bytes=4096), str(tmp_path / "w"), ["hopper", "walker2d"], data, [0, 1])
+    R.train_groups(_study_config(mode="off"), str(tmp_path / "w"), ["hopper", "walker2d"], data, [0, 1])
+    assert os.listdir(tmp_path) == []
