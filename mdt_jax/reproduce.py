@@ -244,12 +244,13 @@ def _train_grouped(config, workdir: str, name: str, runs: list[tuple[str, dict]]
         size = cap or len(members)
         for c in range(0, len(members), size):
             chunk = members[c:c + size]
-            if len(chunk) < 2 or all(os.path.exists(os.path.join(wd, "model", checkpoint.META_FILE)) for wd, _ in chunk):
+            if len(chunk) < 2 or all(os.path.exists(os.path.join(wd, "model", checkpoint.META_FILE))
+                                     for wd, _ in chunk):
                 continue
             gname = f"{name}_{k}_{c // size}"
             _log(f"train group {gname} ({len(chunk)} models)")
-            train_group([s for _, s in chunk], [wd for wd, _ in chunk], group_dir=os.path.join(workdir, "groups", gname),
-                        max_bytes=int(config.group.max_bytes) or None)
+            train_group([s for _, s in chunk], [wd for wd, _ in chunk],
+                        group_dir=os.path.join(workdir, "groups", gname), max_bytes=int(config.group.max_bytes) or None)
 
 
 def train_groups(config, workdir: str, tasks: list[str], data: dict[str, str], seeds: list[int],

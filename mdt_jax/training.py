@@ -560,7 +560,8 @@ def estimate_group_bytes(cfg: DTConfig, tcfg: TrainConfig, kind: str, n_models: 
     rows = int(batch["mask"].shape[0])
     T, H, I = 3 * cfg.context_len, cfg.hidden_size, cfg.inner_dim
     per_row = cfg.n_layer * (T * (12 * H + 2 * I) + 3 * cfg.n_head * T * T) + 4 * T * H
-    out = {"state": _nbytes(state), "grads": 2 * params, "batch": G * _nbytes(batch), "activations": G * 4 * rows * per_row}
+    out = {"state": _nbytes(state), "grads": 2 * params, "batch": G * _nbytes(batch),
+           "activations": G * 4 * rows * per_row}
     return out | {"total": sum(out.values())}
 
 
@@ -631,6 +632,16 @@ def _plan(runs: list[TrainRun], workdirs: list[str]) -> tuple[list[_Member], DTC
     return members, gcfg, tcfg, kind
 
 
+def _stack_members(datas: list):
+    """Task-stacked SegmentData of several members on a new leading axis, padded as
+    `data.stack_segment_data` pads tasks (zeros, std 1; padding trajectories have probability 0)."""
+    def stack(*xs, fill=0.0):
+        shape = np.max([x.shape for x in xs], axis=0)
+        return jnp.stack([jnp.pad(x, [(0, int(t) - s) for s, t in zip(x.shape, shape)], constant_values=fill)
+                          for x in xs])
+    return jax.tree.map(stack, *datas).replace(state_std=stack(*(d.state_std for d in datas), fill=1.0))
+
+
 def _check_members(path: str, recorded: dict, entries: list[dict]) -> None:
     rec = recorded.get("members", [])
     if len(rec) != len(entries):
@@ -695,7 +706,6 @@ def train_group(runs: Sequence[TrainRun], workdirs: Sequence[str], *, group_dir:
     of this call with the group checkpointed and no member saved (an interruption, for tests).
     """
     from mdt_jax.data import pad_to, stack_segment_data
-    from mdt_jax.data.sampler import _stack
     from mdt_jax.models.dt import param_shapes
 
     runs, workdirs = list(runs), [os.path.abspath(os.fspath(w)) for w in workdirs]
@@ -757,16 +767,15 @@ def train_group(runs: Sequence[TrainRun], workdirs: Sequence[str], *, group_dir:
             data = (data, cfg.task_index(m.run.task[0]))
         setups.append((m, cfg, data, norms, meta | _trunk_meta(m.run), init))
     if kind == "multi_task":
-        stacked_data = jax.tree.map(_stack, *[s[2] for s in setups])
-        stacked_data = stacked_data.replace(state_std=_stack(*(s[2].state_std for s in setups), fill=1.0))
+        stacked_data = _stack_members([s[2] for s in setups])
     else:
-        stacked_data = (stack_segment_data([s[2][0] for s in setups]), jnp.asarray([s[2][1] for s in setups], jnp.int32))
+        stacked_data = (stack_segment_data([s[2][0] for s in setups]),
+                        jnp.asarray([s[2][1] for s in setups], jnp.int32))
     check(need | {"data": _nbytes(stacked_data), "total": need["total"] + _nbytes(stacked_data)})
     # every check passed: record the group, then each member's run (as train_run does)
     if recorded is None:
-        from mdt_jax.fileio import write_json_atomic as write
         os.makedirs(group_dir, exist_ok=True)
-        write(path, {"kind": kind, "model": gcfg.to_dict(),
+        write_json_atomic(path, {"kind": kind, "model": gcfg.to_dict(),
                      "members": [e | {"stacked": s} for e, s in zip(entries, stacked)]})
     for m in members:
         run_config_guard(m.workdir, _guarded_run_config(m.run))

@@ -135,6 +135,17 @@ def test_multi_task_finetunes_grouped_equal_alone(datasets, tmp_path):
     np.testing.assert_array_equal(checkpoint.load(got[1]).params["ln_f"]["scale"], base["ln_f"]["scale"])
 
 
+def test_multi_task_dts_across_seeds_grouped_equal_alone(datasets, tmp_path):
+    tasks = ("hopper", "walker2d")
+    runs = [TrainRun(task=tasks, dataset=tuple(datasets[t] for t in tasks), seed=90 + 100 * s, num_steps=10,
+                     steps_per_call=10, checkpoint_every=10, model=MODEL | {"n_head": 2}, train=TRAIN) for s in (0, 1)]
+    alone = train_run(runs[1], str(tmp_path / "alone"))
+    got = train_group(runs, [str(tmp_path / f"g{s}") for s in (0, 1)], group_dir=str(tmp_path / "group"),
+                      progress=False)
+    assert _assert_same_model(got[1], alone).metadata["kind"] == "multi_task"
+    assert not _equal(checkpoint.load(got[0]).params, checkpoint.load(got[1]).params)
+
+
 def _equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
