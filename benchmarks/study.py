@@ -16,9 +16,11 @@ configs/paper.py), exactly as `mdt_jax.reproduce` builds them:
 
 G defaults to the number of same-shaped models a study trains: tasks x seeds for single, large and
 multi_ft (each init set, independent / common / pretrained, is another such group), seeds for
-multi. Single-task models of different tasks share one shape by padding every task to the widest
-state and action, the padded action dims masked out of the loss through `batch['act_dim']`
-(as tests/test_train.py does); model i trains on task i mod T.
+multi. The grouped program is the one `mdt_jax.training.train_group` (the study's grouped
+training) builds: its data layout and its per-member sampler (`training.group_sample`), vmapped by
+`train.make_train_chunk`. Single-task models of different tasks share one shape by padding every
+task to the widest state and action, the padded action dims masked out of the loss through
+`batch['act_dim']`; model i trains on task i mod T.
 
 The data are synthetic (tests/synth.py: a fixed nonlinear policy), segmented with the config's K
 and max_ep_len. Both sides run the same `--steps` steps fused in one `lax.scan` call; warm times are
@@ -54,10 +56,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import train as T  # noqa: E402
-from mdt_jax.data import pad_to, sample_batch, sample_multitask, segment_data, stack_segment_data  # noqa: E402
+from mdt_jax.data import pad_to, segment_data, stack_segment_data  # noqa: E402
 from mdt_jax.fileio import write_json_atomic  # noqa: E402
 from mdt_jax.models import DTConfig  # noqa: E402
 from mdt_jax.models.dt import param_shapes  # noqa: E402
+from mdt_jax.training import group_sample  # noqa: E402
 from synth import make_dataset  # noqa: E402
 
 SHAPE_SETS = ("quickstart", "cpu", "paper")
@@ -183,18 +186,18 @@ def make_problems(shape: Shape):
         from mdt_jax.run import task_dims
         data = (widest([_task_data(shape.tasks[i % nt], cfg, i) for i in range(G)]),
                 jnp.asarray([task_dims(shape.tasks[i % nt])[1] for i in range(G)], jnp.int32))
-        sample = lambda d, k: sample_batch(d[0], k, B) | {"act_dim": d[1]}
+        sample = group_sample("single_task", B)
         rows = B
     elif shape.kind == "multi":
         # every member gets the same synthetic data (the content does not change the work)
         one = jax.jit(stack_segment_data)([_task_data(t, cfg, j) for j, t in enumerate(shape.tasks)])
         data = jax.tree.map(lambda x: jnp.broadcast_to(x, (G,) + x.shape), one)
-        sample = lambda d, k: sample_multitask(d, k, B)
+        sample = group_sample("multi_task", B)
         rows = nt * B
     elif shape.kind == "multi_ft":
         data = (widest([_task_data(shape.tasks[i % nt], cfg, i) for i in range(G)]),
                 jnp.asarray([i % nt for i in range(G)], jnp.int32))
-        sample = lambda d, k: sample_batch(d[0], k, B) | {"task_id": jnp.full((B,), d[1], jnp.int32)}
+        sample = group_sample("multi_task_finetune", B)
         rows = B
     else:
         raise ValueError(f"unknown shape kind {shape.kind!r}; known: {KINDS}")

@@ -42,6 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.search = ml_collections.ConfigDict(dict(popsize=16, generations=10, episodes=10, groups="blocks"))
     c.claims_min_effect = 1.0
     c.bootstrap_reps = 2000
+    # every shape grouped on an accelerator (27 H128, 9 H256, 3 H512 and 9 H512 finetunes per program)
+    c.group = ml_collections.ConfigDict(dict(mode="auto", max_models=0, max_bytes=0))
     if arg == "cpu":
         # sized for about 45 minutes on an idle 2-core CPU, spent where the variance is: many
         # evaluation episodes per seed (the claims' CIs are over seeds x episodes) and small,
@@ -67,4 +69,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.search = ml_collections.ConfigDict(dict(popsize=8, generations=5, episodes=3, groups="blocks"))
         c.claims_min_effect = 1.0
         c.bootstrap_reps = 2000
+        # "auto" on CPU: the H32 sets, the H64 large set, multi-task DTs and finetunes grouped
+        c.group = ml_collections.ConfigDict(dict(mode="auto", max_models=0, max_bytes=0))
     return c

@@ -7,6 +7,23 @@ Stages, each kept under WORKDIR and skipped when the same command runs again (a 
 resumes: training from its last checkpoint, merges from their cached evaluations):
 
 1. data: `run.collect_dataset` per task, quality `config.data.quality` -> data/<task>-<quality>.hdf5
+   (and the pretraining data and pretrain/mt, the embedded pre-trained common init)
+1b. grouped training (`train_groups`, `config.group`): before the per-seed loop, same-shaped models
+   of every seed are trained in one vmapped program each (`training.train_group`): the single-task
+   sets of every seed and task (independent, common and pretrained: one shape, the tasks padded
+   to the widest state and action; large: another), the multi-task DTs across seeds, then their
+   finetunes across seeds and tasks. Each member keeps the workdir, seed and init seed it has
+   when trained alone (stage 2 then finds its model/), and ends as the run alone would to float
+   tolerance. A group's stacked state is checkpointed once per save in groups/<kind>_<k>_<c>/, so
+   a kill resumes it bit for bit. `config.group.mode`: "auto" groups every shape on GPU/TPU and,
+   on CPU, only shapes of hidden_size <= 64 (`GROUP_CPU_MAX_HIDDEN`: measured with
+   benchmarks/study.py, vmap over 6 models is faster per model at H32 and H64 there and slower
+   at H128); "on" groups every shape; "off" trains every model alone in stage 2, as before
+   grouping existed. `max_models` splits a group into programs of at most that many models (in
+   order: seed, set, task), `max_bytes` is the memory a group must fit, estimated from its
+   shapes with jax.eval_shape before anything is allocated (0: a fraction of the device's
+   memory; a group over it stops the study with a clear error, before any results.json). A
+   group of one model, and the P1 finetunes (which need the seed's merges), train alone.
 2. per seed s (seed_<s>/):
    - single-task DTs, one set per init: `independent` (a different init seed per task), `common`
      (one init seed for every task: every same-shaped param, the trunk included, starts equal;
@@ -40,7 +57,7 @@ from mdt_jax.pipelines import merge_stage
 from mdt_jax.results import (BOOTSTRAP, P1_SUBSETS, SETS, claims, interval_table, pool_rows,  # noqa: F401
                              results_markdown, write_figures)
 from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_run_spec
-from mdt_jax.training import train_run
+from mdt_jax.training import TrainRun, train_run
 
 
 
@@ -102,21 +119,159 @@ def check_config(config) -> tuple[list[str], list[int]]:
     report.check_min_effect(config.claims_min_effect)
     if config.p1_finetune.num_steps < 0:
         raise ValueError(f"config.p1_finetune.num_steps: must be >= 0, got {config.p1_finetune.num_steps}")
+    check_group(config)
     return tasks, parse_seeds(config.seeds)
+
+
+def check_group(config) -> None:
+    """`config.group` (optional: absent means "off"): mode, max_models, max_bytes."""
+    g = config.get("group", None)
+    if g is None:
+        return
+    unknown = sorted(set(config_dict(g)) - {"mode", "max_models", "max_bytes"})
+    if unknown:
+        raise ValueError(f"config.group: unknown fields {unknown}; known: mode, max_models, max_bytes")
+    if g.get("mode") not in GROUP_MODES:
+        raise ValueError(f"config.group.mode: must be one of {GROUP_MODES}, got {g.get('mode')!r}")
+    for f in ("max_models", "max_bytes"):
+        v = g.get(f, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            zero = "no cap" if f == "max_models" else "a fraction of the device memory"
+            raise ValueError(f"config.group.{f}: must be an int >= 0 (0: {zero}), got {v!r}")
+    if g.get("max_models", 0) == 1:
+        raise ValueError("config.group.max_models: 1 would group nothing; use config.group.mode='off'")
 
 
 # --------------------------------------------------------------------------------- the stages
 
-def _train(config, workdir: str, *, task: str, dataset: str, seed: int, init_seed: int = -1, model=None,
-           num_steps=None, init_from: str = "", train=None, init_trunk_from: str = "") -> str:
-    """`training.train_run` of `config.train` (typed once) with these fields set; the model folder."""
-    if os.path.exists(os.path.join(workdir, "model", checkpoint.META_FILE)):
-        return os.path.join(workdir, "model")
-    spec = train_run_spec(config.train, task=tuple(split_list(task)), dataset=tuple(split_list(dataset)), seed=seed,
+def _spec(config, *, task: str, dataset: str, seed: int, init_seed: int = -1, model=None, num_steps=None,
+          init_from: str = "", train=None, init_trunk_from: str = "") -> TrainRun:
+    """`config.train` typed (a `training.TrainRun`) with these fields set."""
+    return train_run_spec(config.train, task=tuple(split_list(task)), dataset=tuple(split_list(dataset)), seed=seed,
                           init_seed=init_seed, init_from=init_from, init_trunk_from=init_trunk_from, model=model,
                           train=train, **({} if num_steps is None else {"num_steps": num_steps}))
+
+
+def _train(config, workdir: str, **fields) -> str:
+    """`training.train_run` of `_spec(config, **fields)`; the model folder."""
+    if os.path.exists(os.path.join(workdir, "model", checkpoint.META_FILE)):
+        return os.path.join(workdir, "model")
+    spec = _spec(config, **fields)
     _log(f"train {os.path.basename(workdir)}")
     return train_run(spec, workdir)
+
+
+def _sets(config, pretrained: str) -> list[str]:
+    return [s for s in SETS if (s != "large" or len(config.large)) and (s != "pretrained" or pretrained)]
+
+
+def _single_runs(config, sdir: str, tasks: list[str], data: dict, seed: int, pretrained: str) -> dict:
+    """{set: [(workdir, `_train` fields)]}: a seed's single-task DTs (module doc, stage 2)."""
+    out = {}
+    for name in _sets(config, pretrained):
+        common_init = name != "independent"
+        out[name] = [(os.path.join(sdir, f"dt_{name}_{t}"),
+                      dict(task=t, dataset=data[t], seed=100 * seed + i,
+                           init_seed=100 * seed + (50 if common_init else 10 + i),
+                           model=config_dict(config.large) if name == "large" else None,
+                           init_trunk_from=pretrained if name == "pretrained" else ""))
+                     for i, t in enumerate(tasks)]
+    return out
+
+
+def _mt_run(config, sdir: str, tasks: list[str], data: dict, seed: int) -> tuple[str, dict]:
+    """(workdir, `_train` fields) of a seed's multi-task DT."""
+    return os.path.join(sdir, "mt"), dict(task=",".join(tasks), dataset=",".join(data[t] for t in tasks),
+                                          seed=100 * seed + 90, model=config_dict(config.multi.model),
+                                          num_steps=config.multi.num_steps,
+                                          train={"batch_size": config.multi.batch_size})
+
+
+def _ft_runs(config, sdir: str, tasks: list[str], data: dict, seed: int, mt: str) -> list[tuple[str, dict]]:
+    """[(workdir, `_train` fields)] of a seed's per-task finetunes of its multi-task DT `mt`."""
+    from mdt_jax.pipelines import P2_FINETUNE
+    ft_train = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in P2_FINETUNE.items()} \
+        | config_dict(config.multi.finetune_train)
+    return [(os.path.join(sdir, f"ft_{t}"), dict(task=t, dataset=data[t], seed=100 * seed + 91 + i, init_from=mt,
+                                                 num_steps=config.multi.finetune_steps, train=ft_train))
+            for i, t in enumerate(tasks)]
+
+
+# ------------------------------------------------------------------------- grouped training
+
+GROUP_MODES = ("auto", "on", "off")
+GROUP_CPU_MAX_HIDDEN = 64  # "auto" on CPU groups only shapes this narrow (module doc, config.group)
+
+
+def _group_mode(config) -> str:
+    g = config.get("group", None)
+    return "off" if g is None else g.mode
+
+
+def _groupable(config, hidden_size: int) -> bool:
+    """Whether `config.group.mode` trains a shape of this width grouped here."""
+    import jax
+
+    mode = _group_mode(config)
+    return mode == "on" or (mode == "auto" and (jax.default_backend() != "cpu" or hidden_size <= GROUP_CPU_MAX_HIDDEN))
+
+
+def _hidden_size(spec: TrainRun) -> int:
+    if spec.init_from:
+        return checkpoint.read_meta(spec.init_from)[0].hidden_size
+    from mdt_jax.models.dt import DTConfig
+    return int(spec.model.get("hidden_size", DTConfig.hidden_size))
+
+
+def _train_grouped(config, workdir: str, name: str, runs: list[tuple[str, dict]]) -> None:
+    """Train `runs` [(workdir, `_train` fields)] in groups of one shape (`training.train_group`):
+    runs that share every field but `training.GROUP_FREE` form a group, in order of appearance,
+    split into chunks of `config.group.max_models` (0: no cap); a chunk of one, or a shape
+    `_groupable` refuses, is left to `run_seed` (trained alone). Group k's chunk c lives in
+    WORKDIR/groups/<name>_<k>_<c>/."""
+    from mdt_jax.training import GROUP_FREE, train_group
+
+    shapes: dict[str, list[tuple[str, TrainRun]]] = {}
+    for wd, fields in runs:
+        spec = _spec(config, **fields)
+        key = json.dumps({k: v for k, v in spec.run_config().items() if k not in GROUP_FREE}, sort_keys=True,
+                         default=str)
+        shapes.setdefault(key, []).append((wd, spec))
+    cap = int(config.group.max_models)
+    for k, members in enumerate(shapes.values()):
+        if not _groupable(config, _hidden_size(members[0][1])):
+            continue
+        size = cap or len(members)
+        for c in range(0, len(members), size):
+            chunk = members[c:c + size]
+            if len(chunk) < 2 or all(os.path.exists(os.path.join(wd, "model", checkpoint.META_FILE))
+                                     for wd, _ in chunk):
+                continue
+            gname = f"{name}_{k}_{c // size}"
+            _log(f"train group {gname} ({len(chunk)} models)")
+            train_group([s for _, s in chunk], [wd for wd, _ in chunk],
+                        group_dir=os.path.join(workdir, "groups", gname), max_bytes=int(config.group.max_bytes) or None)
+
+
+def train_groups(config, workdir: str, tasks: list[str], data: dict[str, str], seeds: list[int],
+                 pretrained: str = "") -> None:
+    """Before the per-seed stages: every seed's single-task DTs (each shape one group: the
+    independent, common and pretrained sets together, the large set apart), the multi-task DTs
+    across seeds, then their finetunes across seeds and tasks, grouped as `config.group` says
+    (`_train_grouped`); `run_seed` then finds these models trained. Nothing with mode "off"."""
+    if _group_mode(config) == "off":
+        return
+    sdir = lambda s: os.path.join(workdir, f"seed_{s}")
+    _train_grouped(config, workdir, "dt", [r for s in seeds for runs in _single_runs(
+        config, sdir(s), tasks, data, s, pretrained).values() for r in runs])
+    mts = [_mt_run(config, sdir(s), tasks, data, s) for s in seeds]
+    _train_grouped(config, workdir, "mt", mts)
+    if not _groupable(config, int(config_dict(config.multi.model).get("hidden_size", config.train.model.hidden_size))):
+        return
+    # the finetunes start from their seed's multi-task DT: those not grouped are trained here first
+    fts = [r for (wd, fields), s in zip(mts, seeds)
+           for r in _ft_runs(config, sdir(s), tasks, data, s, _train(config, wd, **fields))]
+    _train_grouped(config, workdir, "ft", fts)
 
 
 def _fishers(config, workdirs: list[str], models: list[str], datasets: list[str], seed: int,
@@ -231,15 +386,10 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     """Every stage of one seed; rows in the results schema (one per model x method x task)."""
     sdir = os.path.join(workdir, f"seed_{seed}")
     rows: list[dict] = []
-    sets = [s for s in SETS if (s != "large" or len(config.large)) and (s != "pretrained" or pretrained)]
-    models: dict[str, list[str]] = {}
-    for name in sets:
-        common_init = name != "independent"
-        models[name] = [_train(config, os.path.join(sdir, f"dt_{name}_{t}"), task=t, dataset=data[t],
-                               seed=100 * seed + i, init_seed=100 * seed + (50 if common_init else 10 + i),
-                               model=config_dict(config.large) if name == "large" else None,
-                               init_trunk_from=pretrained if name == "pretrained" else "")
-                        for i, t in enumerate(tasks)]
+    singles = _single_runs(config, sdir, tasks, data, seed, pretrained)
+    sets = list(singles)
+    models: dict[str, list[str]] = {name: [_train(config, wd, **fields) for wd, fields in runs]
+                                    for name, runs in singles.items()}
     for name in sets:
         fishers = _fishers(config, [os.path.join(sdir, f"fisher_{name}_{t}") for t in tasks], models[name],
                            [data[t] for t in tasks], seed)
@@ -275,15 +425,9 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
             rows += _tag([r], seed, pipeline="beyond", model="dt_independent", method="aligned_average",
                          subset="attn+mlp")
     # the multi-task DT, its finetunes, P2 and P3
-    mt = _train(config, os.path.join(sdir, "mt"), task=",".join(tasks), dataset=",".join(data[t] for t in tasks),
-                seed=100 * seed + 90, model=config_dict(config.multi.model), num_steps=config.multi.num_steps,
-                train={"batch_size": config.multi.batch_size})
-    from mdt_jax.pipelines import P2_FINETUNE
-    ft_train = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in P2_FINETUNE.items()} \
-        | config_dict(config.multi.finetune_train)
-    fts = [_train(config, os.path.join(sdir, f"ft_{t}"), task=t, dataset=data[t], seed=100 * seed + 91 + i,
-                  init_from=mt, num_steps=config.multi.finetune_steps, train=ft_train)
-           for i, t in enumerate(tasks)]
+    mt_wd, mt_fields = _mt_run(config, sdir, tasks, data, seed)
+    mt = _train(config, mt_wd, **mt_fields)
+    fts = [_train(config, wd, **fields) for wd, fields in _ft_runs(config, sdir, tasks, data, seed, mt)]
     ft_fishers = _fishers(config, [os.path.join(sdir, f"fisher_ft_{t}") for t in tasks], fts, [data[t] for t in tasks],
                           seed, spec_info=True)
     select_seed = select_seeds(config, seed)
@@ -353,8 +497,14 @@ def reproduce(config, workdir: str) -> str:
     tasks, seeds = check_config(config)
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    # the claims' threshold and the compile cache change no stage: a run may be re-summarised with another
-    run_config_guard(workdir, {k: v for k, v in config_dict(config).items() if k not in ("claims_min_effect", "compile_cache")})
+    # the claims' threshold, the compile cache and the group memory budget change no stage: a run
+    # may be re-summarised with another; grouping off is recorded as no field (studies before it)
+    guarded = {k: v for k, v in config_dict(config).items() if k not in ("claims_min_effect", "compile_cache")}
+    if _group_mode(config) == "off":
+        guarded.pop("group", None)
+    else:
+        guarded["group"] = {k: v for k, v in config_dict(config.group).items() if k != "max_bytes"}
+    run_config_guard(workdir, guarded)
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -367,6 +517,7 @@ def reproduce(config, workdir: str) -> str:
         data[t] = collect_dataset(t, config.data.quality, config.data.transitions, path,
                                   seed=config.data.seed + i, num_envs=config.data.num_envs)
     pretrained = pretrain(config, workdir, tasks)
+    train_groups(config, workdir, tasks, data, seeds, pretrained)
     per_seed = []
     for s in seeds:
         _log(f"seed {s}")
