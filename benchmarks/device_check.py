@@ -62,29 +62,31 @@ PARITY_ATOL = {"obs": 5e-3, "reward": 1e-3}
 # still: no pretraining and no P1 finetunes (0 steps switch them off), the large set at the base
 # width (the same shapes: compilation cache hits), 20-step episodes. Compilation dominates here.
 STUDY_TOY = {
-    "tasks": "hopper,walker2d", "seeds": "0", "data.transitions": 2000, "data.num_envs": 16,
+    "tasks": ("hopper", "walker2d"), "seeds": (0,), "data.transitions": 2000, "data.num_envs": 16,
     "train.num_steps": 20, "train.steps_per_call": 10, "train.checkpoint_every": 20, "train.log_every": 10,
     "train.model.hidden_size": 16, "train.model.n_layer": 1, "train.model.context_len": 5,
     "train.train.batch_size": 16, "train.train.warmup_steps": 10, "large.hidden_size": 16,
     "multi.model.hidden_size": 24, "multi.model.n_head": 2, "multi.model.n_layer": 1, "multi.num_steps": 20,
     "multi.batch_size": 16, "multi.finetune_steps": 10, "multi.finetune_train.warmup_steps": 10,
-    "p1_finetune.num_steps": 0, "fisher.num_batches": 2, "fisher.batch_size": 16, "merge.lerp_ps": "0,1",
-    "merge.ta_lams": "1", "merge.ties_ks": "0.5", "merge.dare_ps": "0.3", "eval.episodes": 2,
-    "eval.max_steps": 20, "eval.select_seeds": "1000", "pretrain.num_steps": 0, "bootstrap_reps": 200}
+    "p1_finetune.num_steps": 0, "fisher.num_batches": 2, "fisher.batch_size": 16, "merge.lerp_ps": (0, 1),
+    "merge.ta_lams": (1,), "merge.ties_ks": (0.5,), "merge.dare_ps": (0.3,), "eval.episodes": 2,
+    "eval.max_steps": 20, "eval.select_seeds": (1000,), "pretrain.num_steps": 0, "bootstrap_reps": 200}
 STUDY_FULL = {  # the paper's models (H128 L3 K20 B64, large H256, multi-task H512 L3 4 heads), short runs
-    "tasks": "hopper,walker2d", "seeds": "0", "data.transitions": 20_000, "train.num_steps": 500,
+    "tasks": ("hopper", "walker2d"), "seeds": (0,), "data.transitions": 20_000, "train.num_steps": 500,
     "train.steps_per_call": 250, "train.checkpoint_every": 500, "train.log_every": 250, "train.train.warmup_steps": 100,
     "multi.num_steps": 500, "multi.finetune_steps": 100, "multi.finetune_train.warmup_steps": 20,
-    "p1_finetune.num_steps": 100, "fisher.num_batches": 10, "merge.lerp_ps": "0,0.5,1", "merge.ta_lams": "0.5,1",
-    "merge.ties_ks": "0.2", "merge.dare_ps": "0.3", "eval.episodes": 10, "eval.max_steps": 1000,
-    "eval.select_seeds": "1000", "pretrain.transitions": 20_000, "pretrain.num_steps": 500,
+    "p1_finetune.num_steps": 100, "fisher.num_batches": 10, "merge.lerp_ps": (0, 0.5, 1), "merge.ta_lams": (0.5, 1),
+    "merge.ties_ks": (0.2,), "merge.dare_ps": (0.3,), "eval.episodes": 10, "eval.max_steps": 1000,
+    "eval.select_seeds": (1000,), "pretrain.transitions": 20_000, "pretrain.num_steps": 500,
     "bootstrap_reps": 500}
 
 
 def study_command(toy: bool, workdir: str) -> list[str]:
+    from mdt_jax.run import cli_value  # tuples comma-joined, as the command line writes them
+
     over = STUDY_TOY if toy else STUDY_FULL
     return [sys.executable, "-m", "launch.reproduce", f"--config={os.path.join(ROOT, 'configs', 'paper.py')}",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in over.items()]
+            f"--workdir={workdir}"] + [f"--config.{k}={cli_value(v)}" for k, v in over.items()]
 
 
 # ------------------------------------------------------------------------------------ the steps

@@ -284,7 +284,8 @@ def _fishers(config, workdirs: list[str], models: list[str], datasets: list[str]
         if not os.path.exists(os.path.join(w, META_FILE)):
             _log(f"fisher {os.path.basename(w)}")
     fields = config_dict(config.fisher) | dict(seed=seed, spec_info=spec_info)
-    fisher_group_run([FisherRun(**fields, checkpoint=m, dataset=(d,)) for m, d in zip(models, datasets)], workdirs)
+    fisher_group_run([FisherRun(**(fields | dict(checkpoint=m, dataset=(d,)))) for m, d in zip(models, datasets)],
+                     workdirs)
     return list(workdirs)
 
 
