@@ -39,9 +39,11 @@ def train_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = ("hopper",)      # several tasks: one multi-task DT (--config.task=hopper,walker2d)
-    # paths stay one comma-separated string: ml_collections' tuple parser reads an override as a
-    # Python literal, and `a.hdf5,minari:x/y` is not one
+    # task and dataset are comma-separated strings, paired by position (several: one multi-task DT,
+    # --config.task=hopper,walker2d --config.dataset=a.hdf5,b.hdf5), not tuples: ml_collections
+    # reads a tuple override as a Python literal (`a.hdf5,minari:x/y` is none) and appends a
+    # repeated tuple flag where a repeated --config.task must replace the earlier one
+    c.task = "hopper"
     c.dataset = ""
     c.seed = 0
     c.num_steps = 100_000

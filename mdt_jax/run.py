@@ -177,12 +177,12 @@ def train_behaviour_from_config(config, workdir: str) -> str:
         from mdt_jax.behaviour import brax_sac
 
         return brax_sac.train(config.task, workdir, env_steps=int(config.env_steps),
-                              cfg=brax_sac.BraxSACConfig(**config_dict(config.brax)), seed=int(config.seed),
+                              cfg=brax_sac.BraxSACConfig(**config.brax.to_dict()), seed=int(config.seed),
                               save_every=int(config.save_every), eval_episodes=int(config.eval_episodes),
                               command=command, log=lambda s: print(s, flush=True))
     from mdt_jax.behaviour import sac
 
-    cfg = sac.SACConfig(**config_dict(config.sac))
+    cfg = sac.SACConfig(**config.sac.to_dict())  # typed fields, tuples kept (hidden)
     return sac.train(config.task, workdir, env_steps=int(config.env_steps), cfg=cfg, seed=int(config.seed),
                      save_every=int(config.save_every), eval_every=int(config.eval_every),
                      eval_episodes=int(config.eval_episodes), stop_return=float(config.stop_return),

@@ -160,7 +160,7 @@ def test_generated_dataset_spec_is_made_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MDT_JAX_DATA", str(tmp_path / "cache"))
     c = train_config.get_config()
-    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = ("hopper",), "generated:hopper-medium@2000", 2, 2, 2
+    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", "generated:hopper-medium@2000", 2, 2, 2
     c.model.hidden_size, c.model.n_layer, c.model.context_len, c.train.batch_size = 16, 1, 5, 8
     train_from_config(c, str(tmp_path / "run"))
     made = tmp_path / "cache" / "hopper-medium-2000.hdf5"

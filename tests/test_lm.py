@@ -249,7 +249,7 @@ def _train_config(tmp, lm_dir, **over):
     from configs.train import get_config
 
     c = get_config()
-    c.task, c.dataset, c.num_steps, c.steps_per_call = ("hopper",), str(tmp / "hopper.hdf5"), 3, 3
+    c.task, c.dataset, c.num_steps, c.steps_per_call = "hopper", str(tmp / "hopper.hdf5"), 3, 3
     c.train.batch_size, c.model.context_len, c.model.hidden_size, c.model.n_layer = 4, 4, H, NL
     c.model.n_head, c.model.activation, c.init_from_lm, c.lm_kmeans = NH, "gelu_new", str(lm_dir), 8
     for k, v in over.items():

@@ -209,7 +209,7 @@ def test_single_task_dt_beats_a_uniform_random_policy(tmp_path):
 
     path = collect_dataset("hopper", "random", 5000, str(tmp_path / "hopper-random.hdf5"), seed=0, num_envs=16)
     c = train_cfg.get_config()
-    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = ("hopper",), path, 200, 100, 200
+    c.task, c.dataset, c.num_steps, c.steps_per_call, c.checkpoint_every = "hopper", path, 200, 100, 200
     c.model.hidden_size, c.model.n_layer, c.model.context_len = 32, 1, 10
     c.train.batch_size, c.train.learning_rate, c.train.warmup_steps = 32, 1e-3, 20
     model = checkpoint.load(train_from_config(c, str(tmp_path / "dt")))

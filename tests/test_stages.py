@@ -70,7 +70,7 @@ def test_train_fisher_and_gram_runs_record_their_config_files_layout():
     from mdt_jax.training import TrainRun
 
     c = train_cfg.get_config()
-    c.task, c.dataset, c.train.freeze = ("hopper", "walker2d"), "a.hdf5,b.hdf5", "attn,mlp"
+    c.task, c.dataset, c.train.freeze = "hopper,walker2d", "a.hdf5,b.hdf5", "attn,mlp"
     spec = train_run_spec(c)
     assert spec.task == ("hopper", "walker2d") and spec.run_config() == config_dict(c)
     tuned = spec.replace(seed=3, train={"batch_size": 8}, model={"n_layer": 1})
