@@ -68,9 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     # return, each generation one batched evaluation on the selection episodes (generations=0 skips it)
     c.search = ml_collections.ConfigDict(dict(popsize=8, generations=4, episodes=2, groups="blocks"))
     # grouped training (mdt_jax/reproduce.py, train_groups): same-shaped DTs trained in one vmapped
-    # program. mode "auto" groups every shape on GPU/TPU and, on CPU, shapes of hidden_size <= 64
-    # (wider ones train faster alone there); "on" groups every shape, "off" trains each model
-    # alone. max_models caps a program's models (0: no cap); max_bytes is the memory budget a
+    # program. mode "auto" groups every shape on GPU/TPU and, on CPU, shapes of hidden_size <= 32
+    # (wider ones gain nothing there: docs/benchmarks.md); "on" groups every shape, "off" trains
+    # each model alone. max_models caps a program's models (0: no cap); max_bytes is the memory budget a
     # group must fit, estimated from its shapes (0: a fraction of the device's memory)
     c.group = ml_collections.ConfigDict(dict(mode="auto", max_models=0, max_bytes=0))
     c.claims_min_effect = 0.5

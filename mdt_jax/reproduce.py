@@ -16,9 +16,9 @@ resumes: training from its last checkpoint, merges from their cached evaluations
    when trained alone (stage 2 then finds its model/), and ends as the run alone would to float
    tolerance. A group's stacked state is checkpointed once per save in groups/<kind>_<k>_<c>/, so
    a kill resumes it bit for bit. `config.group.mode`: "auto" groups every shape on GPU/TPU and,
-   on CPU, only shapes of hidden_size <= 64 (`GROUP_CPU_MAX_HIDDEN`: measured with
-   benchmarks/study.py, vmap over 6 models is faster per model at H32 and H64 there and slower
-   at H128); "on" groups every shape; "off" trains every model alone in stage 2, as before
+   on CPU, only shapes of hidden_size <= 32 (`GROUP_CPU_MAX_HIDDEN`: measured with
+   benchmarks/study.py on a 2-core CPU, vmap over 6 models is 1.05-1.13x faster per model at H32,
+   0.95-1.09x at H64, and slower at H128; docs/benchmarks.md); "on" groups every shape; "off" trains every model alone in stage 2, as before
    grouping existed. `max_models` splits a group into programs of at most that many models (in
    order: seed, set, task), `max_bytes` is the memory a group must fit, estimated from its
    shapes with jax.eval_shape before anything is allocated (0: a fraction of the device's
@@ -200,7 +200,7 @@ def _ft_runs(config, sdir: str, tasks: list[str], data: dict, seed: int, mt: str
 # ------------------------------------------------------------------------- grouped training
 
 GROUP_MODES = ("auto", "on", "off")
-GROUP_CPU_MAX_HIDDEN = 64  # "auto" on CPU groups only shapes this narrow (module doc, config.group)
+GROUP_CPU_MAX_HIDDEN = 32  # "auto" on CPU groups only shapes this narrow (module doc, config.group)
 
 
 def _group_mode(config) -> str:
