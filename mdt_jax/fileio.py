@@ -283,17 +283,28 @@ def cached_json(path: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
+def check_run_config(workdir: str, run_config: dict) -> bool:
+    """Refuse (FileExistsError naming the differing fields) a workdir whose recorded run config is
+    not `run_config` (compared as JSON, the way it is recorded); writes nothing. True when the
+    workdir already records this run."""
+    path = os.path.join(workdir, "run_config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(run_config))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise FileExistsError(f"workdir {workdir} holds a different run (differs in {diff}); "
+                              "use a new --workdir")
+    return True
+
+
 def run_config_guard(workdir: str, run_config: dict) -> None:
     """Refuse to reuse a workdir that holds a different run's config; record ours otherwise."""
-    path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != run_config:
-            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-            raise FileExistsError(f"workdir {workdir} holds a different run (differs in {diff}); "
-                                  "use a new --workdir")
+    if check_run_config(workdir, run_config):
         return
+    path = os.path.join(workdir, "run_config.json")
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdt_jax import checkpoint, sharding
-from mdt_jax.data import Normalizer, load_task_data
+from mdt_jax.data import Normalizer, load_task_data, pad_stack
 from mdt_jax.fileio import write_json_atomic
 from mdt_jax.models.dt import DTConfig
-from mdt_jax.fileio import run_config_guard
+from mdt_jax.fileio import check_run_config, run_config_guard
 from mdt_jax.train import TrainConfig, default_sampler, fit, init_params_for_seed, init_state
 
 
@@ -632,16 +632,6 @@ def _plan(runs: list[TrainRun], workdirs: list[str]) -> tuple[list[_Member], DTC
     return members, gcfg, tcfg, kind
 
 
-def _stack_members(datas: list):
-    """Task-stacked SegmentData of several members on a new leading axis, padded as
-    `data.stack_segment_data` pads tasks (zeros, std 1; padding trajectories have probability 0)."""
-    def stack(*xs, fill=0.0):
-        shape = np.max([x.shape for x in xs], axis=0)
-        return jnp.stack([jnp.pad(x, [(0, int(t) - s) for s, t in zip(x.shape, shape)], constant_values=fill)
-                          for x in xs])
-    return jax.tree.map(stack, *datas).replace(state_std=stack(*(d.state_std for d in datas), fill=1.0))
-
-
 def _check_members(path: str, recorded: dict, entries: list[dict]) -> None:
     rec = recorded.get("members", [])
     if len(rec) != len(entries):
@@ -655,18 +645,6 @@ def _check_members(path: str, recorded: dict, entries: list[dict]) -> None:
             raise ValueError(f"train_group: member {i} ({b['workdir']}) differs from the run {path} records in "
                              f"config.{field} ({_get(a['run_config'], field)!r} recorded, now "
                              f"{_get(b['run_config'], field)!r}); use a new group_dir")
-
-
-def _check_guard(workdir: str, run_config: dict) -> None:
-    """`fileio.run_config_guard`'s refusal, without writing: a group writes nothing until every
-    member's workdir is known to accept its run."""
-    path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != _json(run_config):
-            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != _json(run_config).get(k))
-            raise FileExistsError(f"workdir {workdir} holds a different run (differs in {diff}); use a new --workdir")
 
 
 def train_group(runs: Sequence[TrainRun], workdirs: Sequence[str], *, group_dir: str, max_bytes: int | None = None,
@@ -743,7 +721,7 @@ def train_group(runs: Sequence[TrainRun], workdirs: Sequence[str], *, group_dir:
     need = estimate_group_bytes(gcfg, tcfg, kind, len(idx))
     check(need)
     for m in members:
-        _check_guard(m.workdir, _guarded_run_config(m.run))
+        check_run_config(m.workdir, _guarded_run_config(m.run))
     # the data, each (task, dataset) read once, and the finetunes' checkpoints, each loaded once
     cache: dict = {}
 
@@ -767,7 +745,7 @@ def train_group(runs: Sequence[TrainRun], workdirs: Sequence[str], *, group_dir:
             data = (data, cfg.task_index(m.run.task[0]))
         setups.append((m, cfg, data, norms, meta | _trunk_meta(m.run), init))
     if kind == "multi_task":
-        stacked_data = _stack_members([s[2] for s in setups])
+        stacked_data = pad_stack([s[2] for s in setups])
     else:
         stacked_data = (stack_segment_data([s[2][0] for s in setups]),
                         jnp.asarray([s[2][1] for s in setups], jnp.int32))

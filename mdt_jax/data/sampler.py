@@ -128,6 +128,13 @@ def stack_segment_data(datas: list[SegmentData]) -> SegmentData:
                          f"{sorted(statics)}")
     if any(d.traj_lens.ndim != 1 for d in datas):
         raise ValueError("stack_segment_data: inputs must be single-task SegmentData (no task axis)")
+    return pad_stack(datas)
+
+
+def pad_stack(datas: list[SegmentData]) -> SegmentData:
+    """`SegmentData` (of any layout: single-task, or already task-stacked) stacked on a new leading
+    axis, every array padded to the largest: zeros, std 1, so padding trajectories have length 0
+    and probability 0."""
     stacked = jax.tree.map(_stack, *datas)
     return stacked.replace(state_std=_stack(*(d.state_std for d in datas), fill=1.0))
 
