@@ -10,6 +10,7 @@ file, which the OS drops when its holder exits or is killed, so no stale lock su
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -271,16 +272,123 @@ def read_params_dir(directory, error: type[Exception], what: str, shapes,
     return params
 
 
-def cached_json(path: str, fn: Callable[[], Any]) -> Any:
-    """`fn()`'s JSON-able result, computed once: kept at `path` (written atomically) and read back
-    on later calls, so a resumed run skips a stage it finished."""
-    if os.path.exists(path):
+# ------------------------------------------------------------------------------- keyed store
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How a `Store` entry is laid out. A file entry (KEY + `suffix`) is written by `write(tmp,
+    value)`; a folder entry (KEY/, `suffix` "") by the writers `write(value) -> {name:
+    writer(path)}` (`write_dir_atomic`'s). `read(path, error, what, **kw)` reads either."""
+
+    suffix: str
+    write: Callable[..., Any]
+    read: Callable[..., Any]
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def _read_json(path, error, what):
+    try:
         with open(path) as f:
             return json.load(f)
-    out = fn()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomic(path, out)
-    return out
+    except (OSError, ValueError) as e:
+        raise error(f"{path} could not be read (corrupt {what}): {type(e).__name__}: {e}") from None
+
+
+def _write_npz(path, arrays):
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _read_npz(path, error, what):
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile / numpy raise several types on a damaged file
+        raise error(f"{path} could not be read (corrupt {what}): {type(e).__name__}: {e}") from None
+
+
+JSON = Codec(".json", _write_json, _read_json)
+"""A JSON value in KEY.json."""
+NPZ = Codec(".npz", _write_npz, _read_npz)
+"""A flat {name: array} dict in KEY.npz, read without pickle."""
+
+
+def tree_codec(arrays: str = "arrays", header: str | None = None) -> Codec:
+    """A pytree of arrays as an orbax folder KEY/`arrays`; with `header`, the value is a pair
+    (tree, JSON dict) and the dict is KEY/`header`. `Store.get(key, target=tree)` fixes the
+    restored structure (orbax_read)."""
+    def write(value):
+        tree, meta = value if header else (value, None)
+        return {arrays: orbax_writer(tree)} | ({header: lambda p: _write_json(p, meta)} if header else {})
+
+    def read(path, error, what, target=None):
+        tree = orbax_read(os.path.join(path, arrays), error, what, target=target)
+        return (tree, _read_json(os.path.join(path, header), error, what)) if header else tree
+    return Codec("", write, read)
+
+
+class Store:
+    """One folder of named entries, the resume and cache mechanism of every stage: each entry is
+    written whole under a temporary sibling name, synced and renamed into place
+    (`write_file_atomic` / `write_dir_atomic`), so a SIGKILL at any point leaves each entry
+    complete or absent, and a rerun finds exactly the entries that finished. Entries are never
+    replaced unless `put(..., overwrite=True)` (a "latest state" entry); a damaged entry raises
+    `error` naming its path.
+
+    Users: the study's and pipelines' cached stages (`cached_json`, JSON), the Fisher chunk sums
+    (`fisher_stage.PartialFolder`, an orbax tree per chunk), collection waves (`behaviour.collect`,
+    NPZ per wave), the CMA-ES state (`search`, one NPZ) and the SAC trainer's state
+    (`behaviour.sac`, a tree with a JSON header). Training checkpoints are step-indexed orbax
+    CheckpointManager folders instead (train.py, training.train_group)."""
+
+    def __init__(self, folder, codec: Codec, *, error: type[Exception] = ValueError, what: str = "stored entry"):
+        self.folder, self.codec, self.error, self.what = os.fspath(folder), codec, error, what
+
+    def path(self, key: str) -> str:
+        if not key or os.sep in key or key.startswith("."):
+            raise ValueError(f"Store key {key!r}: a plain name (no path separator, not hidden)")
+        return os.path.join(self.folder, key + self.codec.suffix)
+
+    def __contains__(self, key: str) -> bool:
+        return os.path.exists(self.path(key))
+
+    def get(self, key: str, **read_kw) -> Any | None:
+        """The entry `key`, or None when it was never (completely) written."""
+        path = self.path(key)
+        if not os.path.exists(path):
+            return None
+        return self.codec.read(path, self.error, self.what, **read_kw)
+
+    def put(self, key: str, value, *, overwrite: bool = False) -> str:
+        path = self.path(key)
+        if self.codec.suffix:
+            return write_file_atomic(path, lambda tmp: self.codec.write(tmp, value), overwrite=overwrite)
+        return write_dir_atomic(path, self.codec.write(value), overwrite=overwrite)
+
+    def cached(self, key: str, fn: Callable[[], Any], **read_kw) -> Any:
+        """`fn()`'s value, computed once: stored under `key` and read back on later calls, so a
+        resumed run skips a stage it finished."""
+        if key in self:
+            return self.get(key, **read_kw)
+        out = fn()
+        self.put(key, out)
+        return out
+
+
+def cached_json(path: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`'s JSON-able result, computed once and kept at `path` (a `Store` entry)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not name.endswith(".json"):
+        raise ValueError(f"cached_json: {path} must end in .json")
+    return Store(folder, JSON, what="cached stage").cached(name[:-len(".json")], fn)
 
 
 def check_run_config(workdir: str, run_config: dict) -> bool:

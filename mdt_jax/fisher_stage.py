@@ -36,8 +36,8 @@ import numpy as np
 
 from mdt_jax import trees
 from mdt_jax.data.sampler import SegmentData, pad_to, stack_segment_data
-from mdt_jax.fileio import (orbax_read, orbax_writer, read_header, run_config_guard, write_dir_atomic,
-                            write_json_atomic)
+from mdt_jax.fileio import (Store, orbax_read, orbax_writer, read_header, run_config_guard, tree_codec,
+                            write_dir_atomic, write_json_atomic)
 from mdt_jax.fisher import (DEFAULT_SUBSET, METHODS, FisherError, FisherResult, compute_fisher, compute_fishers,
                             pad_params, unpad_result, widest_config)
 
@@ -100,23 +100,21 @@ def load_fishers(paths: list[str]) -> list[dict]:
 
 
 class PartialFolder:
-    """`mdt_jax.fisher.PartialSums` kept in a folder: one atomically written orbax folder per chunk
+    """`mdt_jax.fisher.PartialSums` kept in a folder: a `fileio.Store` of one orbax tree per chunk
     (KEY/sums: {"sums": {"0": leaf sums, ...}, "n": timesteps}), reused when a run restarts."""
 
     def __init__(self, folder: str):
         self.folder = folder
+        self._store = Store(folder, tree_codec("sums"), error=FisherError, what="partial Fisher")
 
     def get(self, key: str) -> dict | None:
-        path = os.path.join(self.folder, key)
-        if not os.path.isdir(path):
+        part = self._store.get(key)
+        if part is None:
             return None
-        part = orbax_read(os.path.join(path, "sums"), FisherError, "partial Fisher")
         return {"sums": [part["sums"][str(i)] for i in range(len(part["sums"]))], "n": part["n"]}
 
     def put(self, key: str, sums: dict) -> None:
-        write_dir_atomic(os.path.join(self.folder, key),
-                         {"sums": orbax_writer({"sums": {str(i): a for i, a in enumerate(sums["sums"])},
-                                                "n": np.asarray(sums["n"])})})
+        self._store.put(key, {"sums": {str(i): a for i, a in enumerate(sums["sums"])}, "n": np.asarray(sums["n"])})
 
 
 # ------------------------------------------------------------------ edge: config -> Fisher files

@@ -23,7 +23,8 @@ resumes: training from its last checkpoint, merges from their cached evaluations
    order: seed, set, task), `max_bytes` is the memory a group must fit, estimated from its
    shapes with jax.eval_shape before anything is allocated (0: a fraction of the device's
    memory; a group over it stops the study with a clear error, before any results.json). A
-   group of one model, and the P1 finetunes (which need the seed's merges), train alone.
+   group of one model trains alone. The P1 finetunes need their seed's merges, so each seed's
+   (every method and task) form one group inside stage 2 (groups/p1ft_<seed>_<k>_<c>/).
 2. per seed s (seed_<s>/):
    - single-task DTs, one set per init: `independent` (a different init seed per task), `common`
      (one init seed for every task: every same-shaped param, the trunk included, starts equal;
@@ -46,13 +47,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import pathlib
 import time
 
 import numpy as np
 
 from mdt_jax import checkpoint, envs, evaluate as ev
-from mdt_jax.fileio import cached_json, write_json_atomic
+from mdt_jax.fileio import cached_json, write_file_atomic, write_json_atomic
 from mdt_jax.pipelines import merge_stage
 from mdt_jax.results import (BOOTSTRAP, P1_SUBSETS, SETS, claims, interval_table, pool_rows,  # noqa: F401
                              results_markdown, write_figures)
@@ -277,15 +278,21 @@ def train_groups(config, workdir: str, tasks: list[str], data: dict[str, str], s
 def _fishers(config, workdirs: list[str], models: list[str], datasets: list[str], seed: int,
              spec_info: bool = False) -> list[str]:
     """The Fishers of a set's models, each on its own data, in one grouped call (`fisher_group_run`;
-    members already written are skipped); their folders."""
-    from mdt_jax.fisher_stage import META_FILE, FisherRun, fisher_group_run
+    members already written are skipped); their folders. With `config.group.mode` "off", each alone
+    (`fisher_run`, chunked as `FisherRun` says), as the study ran before grouping."""
+    from mdt_jax.fisher_stage import META_FILE, FisherRun, fisher_group_run, fisher_run
 
+    fields = config_dict(config.fisher) | dict(seed=seed, spec_info=spec_info)
+    runs = [FisherRun(**(fields | dict(checkpoint=m, dataset=(d,)))) for m, d in zip(models, datasets)]
     for w in workdirs:
         if not os.path.exists(os.path.join(w, META_FILE)):
             _log(f"fisher {os.path.basename(w)}")
-    fields = config_dict(config.fisher) | dict(seed=seed, spec_info=spec_info)
-    fisher_group_run([FisherRun(**(fields | dict(checkpoint=m, dataset=(d,)))) for m, d in zip(models, datasets)],
-                     workdirs)
+    if _group_mode(config) == "off":
+        for r, w in zip(runs, workdirs):
+            if not os.path.exists(os.path.join(w, META_FILE)):
+                fisher_run(r, w)
+    else:
+        fisher_group_run(runs, workdirs)
     return list(workdirs)
 
 
@@ -396,19 +403,25 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                            [data[t] for t in tasks], seed)
         variants = [("average", "attn,mlp"), ("fisher", "attn,mlp")] + ([("average", "blocks")] if name == "common"
                                                                           else [])
-        for k, (method, subset) in enumerate(variants):
-            out = _merge(config, os.path.join(sdir, f"p1_{name}_{method}_{subset.replace(',', '+')}"), seed,
+        merged = [_merge(config, os.path.join(sdir, f"p1_{name}_{method}_{subset.replace(',', '+')}"), seed,
                          pipeline="p1", method=method, subset=subset, checkpoints=tuple(models[name]),
-                         fishers=tuple(fishers), eval_inputs=k == 0)
-            for r in out:
-                kind, own = re.fullmatch(r"(.+)\[(.+)\]", r["model"]).groups()
-                assert own == r["task"], (own, r["task"])  # own_task evaluation
-                if kind == "unmerged":
+                         fishers=tuple(fishers), eval_inputs=k == 0) for k, (method, subset) in enumerate(variants)]
+        finetune = name == "common" and config.p1_finetune.num_steps
+        if finetune:  # the seed's P1 finetunes (every method and task) as one group
+            _train_grouped(config, workdir, f"p1ft_{seed}", [
+                _p1_finetune_run(config, sdir, r, method, data, seed)
+                for (method, subset), out in zip(variants, merged) if subset == "attn,mlp"
+                for r in out if r["model"] != f"unmerged[{r['task']}]"])
+        for (method, subset), out in zip(variants, merged):
+            for r in out:  # own_task evaluation: each merged (or unmerged) model on its own task
+                unmerged = r["model"] == f"unmerged[{r['task']}]"
+                assert unmerged or r["model"] == f"p1_{method}[{r['task']}]", (r["model"], r["task"])
+                if unmerged:
                     rows += _tag([r], seed, pipeline="single", model=f"dt_{name}", method="unmerged")
                 else:
                     rows += _tag([r], seed, pipeline="p1", model=f"dt_{name}", method=method,
                                  subset=P1_SUBSETS[subset])
-                    if name == "common" and subset == "attn,mlp" and config.p1_finetune.num_steps:
+                    if finetune and subset == "attn,mlp":
                         rows += _p1_finetune(config, sdir, r, method, data, seed)
     # beyond the paper: RegMean of the P1 attn+mlp (each model's Grams on its own data)
     for name in [n for n in ("common", "independent") if n in sets]:
@@ -472,14 +485,21 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     return rows
 
 
-def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: int) -> list[dict]:
-    """The paper's P1 second step: the merged attn+mlp frozen, the rest finetuned on the task."""
+def _p1_finetune_run(config, sdir: str, row: dict, method: str, data: dict, seed: int) -> tuple[str, dict]:
+    """(workdir, `_train` fields) of the paper's P1 second step for one merged row: the merged
+    attn+mlp frozen, the rest finetuned on the row's task."""
     from mdt_jax.pipelines import P1_FREEZE
 
     t = row["task"]
-    wd = os.path.join(sdir, f"p1ft_{method}_{t}")
-    model = _train(config, wd, task=t, dataset=data[t], seed=100 * seed + 70, init_from=row["checkpoint"],
-                   num_steps=config.p1_finetune.num_steps, train={"freeze": ",".join(P1_FREEZE)})
+    return os.path.join(sdir, f"p1ft_{method}_{t}"), dict(
+        task=t, dataset=data[t], seed=100 * seed + 70, init_from=row["checkpoint"],
+        num_steps=config.p1_finetune.num_steps, train={"freeze": ",".join(P1_FREEZE)})
+
+
+def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: int) -> list[dict]:
+    """The P1 finetune of `row` (trained here unless its group trained it), evaluated on its task."""
+    wd, fields = _p1_finetune_run(config, sdir, row, method, data, seed)
+    model = _train(config, wd, **fields)
     m = checkpoint.load(model)
     out = cached_json(os.path.join(wd, "stages", "eval.json"), lambda: [
         r.to_dict() for r in ev.evaluate_model(m, m.params, _own_task_eval(config), seed=seed, label="dt_common")])
@@ -546,8 +566,8 @@ def reproduce(config, workdir: str) -> str:
                                              "(reset seed seeds[i])"},
                        "datasets": behaviour,
                        "per_seed_rows": per_seed, "config": config_dict(config)})
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_file_atomic(os.path.join(workdir, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"),
+                      overwrite=True)
     figs = write_figures(rows, tasks, workdir, estimates)
     _log(f"done in {time.perf_counter() - t0:.0f} s: results.json, results.md, {', '.join(map(os.path.basename, figs))}")
     return table

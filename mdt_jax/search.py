@@ -65,11 +65,12 @@ import numpy as np
 
 from mdt_jax import merge as M, pipelines as P, subsets
 from mdt_jax import trees
-from mdt_jax.fileio import write_file_atomic, write_json_atomic
+from mdt_jax.fileio import NPZ, Store, write_json_atomic
 from mdt_jax.models.dt import DTConfig
 
 METHODS = ("lerp", "task_arithmetic", "ties", "dare", "fisher")
-STATE_FILE = "cma_state.npz"
+STATE_KEY = "cma_state"
+STATE_FILE = STATE_KEY + NPZ.suffix
 HISTORY_FILE = "history.json"
 
 
@@ -363,31 +364,27 @@ def _history_row(g: int, thetas, fitness) -> dict:
             "theta": _jsonable(thetas), "fitness": _jsonable(f)}
 
 
-def _save_state(path: str, settings: dict, state, key, thetas, fitness) -> None:
+def _state_store(workdir: str) -> Store:
+    return Store(workdir, NPZ, error=SearchError, what="search state")
+
+
+def _save_state(store: Store, settings: dict, state, key, thetas, fitness) -> None:
     from flax import serialization
 
     arrays = {f"state/{k}": np.asarray(v) for k, v in serialization.to_state_dict(state).items()}
     arrays |= {"key": np.asarray(jax.random.key_data(key)), "thetas": np.asarray(thetas, np.float32),
                "fitness": np.asarray(fitness, np.float64), "settings": np.asarray(json.dumps(settings, sort_keys=True))}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    write_file_atomic(path, write, overwrite=True)
+    store.put(STATE_KEY, arrays, overwrite=True)
 
 
-def _load_state(path: str, settings: dict, template):
+def _load_state(store: Store, settings: dict, template):
     from flax import serialization
 
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile / numpy raise several types on a damaged file
-        raise SearchError(f"{path} could not be read (corrupt search state): {type(e).__name__}: {e}") from None
+    data = store.get(STATE_KEY)
     old = json.loads(str(data["settings"]))
     if old != json.loads(json.dumps(settings, sort_keys=True)):
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise SearchError(f"{path} holds a search with different settings (differs in {diff}); "
+        raise SearchError(f"{store.path(STATE_KEY)} holds a search with different settings (differs in {diff}); "
                           "use a new workdir")
     fields = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("state/")}
     state = serialization.from_state_dict(template, {k: jnp.asarray(v) for k, v in fields.items()})
@@ -433,11 +430,11 @@ def cma_search(merge_fn: Callable[[jax.Array], Any], dim: int, evaluate_populati
     key = jax.random.key(seed)
     key, k_init = jax.random.split(key)
     state = es.init(k_init, jnp.asarray(x0), params)
-    path = os.path.join(workdir, STATE_FILE)
+    store = _state_store(workdir)
     thetas = np.zeros((0, popsize, dim), np.float32)
     fitness = np.zeros((0, popsize), np.float64)
-    if os.path.exists(path):
-        state, key, thetas, fitness = _load_state(path, settings, state)
+    if STATE_KEY in store:
+        state, key, thetas, fitness = _load_state(store, settings, state)
     build = jax.jit(jax.vmap(merge_fn))
     history = [_history_row(g, t, f) for g, (t, f) in enumerate(zip(thetas, fitness))]
     if history:  # a run killed between the state and the history write left the history one behind
@@ -455,7 +452,7 @@ def cma_search(merge_fn: Callable[[jax.Array], Any], dim: int, evaluate_populati
         thetas = np.concatenate([thetas, np.asarray(pop, np.float32)[None]])
         fitness = np.concatenate([fitness, fit[None]])
         history.append(_history_row(g, thetas[-1], fit))
-        _save_state(path, settings, state, key, thetas, fitness)
+        _save_state(store, settings, state, key, thetas, fitness)
         write_json_atomic(os.path.join(workdir, HISTORY_FILE), {"settings": settings, "history": history})
         bar.set_postfix(best=history[-1]["best"], mean=history[-1]["mean"],
                         cand_per_s=f"{popsize / (time.perf_counter() - t0):.2f}")

@@ -135,6 +135,48 @@ def test_multi_task_finetunes_grouped_equal_alone(datasets, tmp_path):
     np.testing.assert_array_equal(checkpoint.load(got[1]).params["ln_f"]["scale"], base["ln_f"]["scale"])
 
 
+def test_p1_finetunes_of_single_task_merges_grouped_equal_alone(single, datasets, tmp_path):
+    """The study's P1 second step as one group: single-task DTs of different tasks, each from its
+    own (merged) checkpoint with attn+mlp frozen, end as each run alone would; the frozen params
+    stay bitwise those of their checkpoint."""
+    from mdt_jax.pipelines import P1_FREEZE
+
+    _, _, _, trained, _ = single
+    ft = TRAIN | {"freeze": ",".join(P1_FREEZE)}
+    runs = [_run(t, datasets, seed=70, init_from=m, train=ft, num_steps=10) for t, m in zip(TASKS, trained)]
+    alone = [train_run(r, str(tmp_path / "alone" / t)) for r, t in zip(runs, TASKS)]
+    got = train_group(runs, [str(tmp_path / "g" / t) for t in TASKS], group_dir=str(tmp_path / "group"),
+                      progress=False)
+    for g, a, src in zip(got, alone, trained):
+        m = _assert_same_model(g, a)
+        base = checkpoint.load(src).params
+        np.testing.assert_array_equal(m.params["block_0"]["mlp"]["c_fc"]["kernel"],
+                                      base["block_0"]["mlp"]["c_fc"]["kernel"])
+        np.testing.assert_array_equal(m.params["block_0"]["attn"]["c_attn"]["kernel"],
+                                      base["block_0"]["attn"]["c_attn"]["kernel"])
+        assert not np.array_equal(m.params["embed_state"]["kernel"], base["embed_state"]["kernel"])
+
+
+def test_study_fishers_alone_with_grouping_off_and_grouped_otherwise(single, datasets, tmp_path):
+    """`config.group.mode` 'off' computes each Fisher alone (`fisher_run`, bitwise the pre-grouping
+    study's); otherwise one grouped call, equal to float tolerance."""
+    from mdt_jax import reproduce as R
+    from mdt_jax.fisher_stage import FisherRun, fisher_run, load_fishers
+
+    _, _, _, models, _ = single
+    data = [datasets[t] for t in TASKS]
+    cfg_off, cfg_on = _study_config(mode="off"), _study_config(mode="on")
+    off = R._fishers(cfg_off, [str(tmp_path / "off" / t) for t in TASKS], models, data, seed=0)
+    on = R._fishers(cfg_on, [str(tmp_path / "on" / t) for t in TASKS], models, data, seed=0)
+    fields = R.config_dict(cfg_off.fisher) | {"seed": 0}
+    for m, d, t, a, b in zip(models, data, TASKS, off, on):
+        fisher_run(FisherRun(**(fields | {"checkpoint": m, "dataset": (d,)})), str(tmp_path / "ref" / t))
+        ref, = load_fishers([str(tmp_path / "ref" / t)])
+        assert _equal(load_fishers([a])[0], ref)
+        for x, y in zip(jax.tree.leaves(load_fishers([b])[0]), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-12)
+
+
 def test_multi_task_dts_across_seeds_grouped_equal_alone(datasets, tmp_path):
     tasks = ("hopper", "walker2d")
     runs = [TrainRun(task=tasks, dataset=tuple(datasets[t] for t in tasks), seed=90 + 100 * s, num_steps=10,

@@ -10,13 +10,13 @@ exactly `transitions` steps, its last episode possibly cut short.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
 
 from mdt_jax import envs
 from mdt_jax.data import OfflineDataset
+from mdt_jax.fileio import NPZ, Store
 from mdt_jax.envs.rollout import FIELDS  # the D4RL arrays, in the order `envs.run_episodes` records them
 
 Policy = envs.Policy
@@ -41,17 +41,12 @@ def run_wave(env: envs.NativeBatchEnv, policy: Policy, rng: np.random.Generator,
     return envs.run_episodes(env, clipped, rng=rng, slot_steps=slot_steps, record=True).episodes()
 
 
-def _load_wave(path: str) -> list[dict]:
-    with np.load(path, allow_pickle=False) as z:
-        n = int(z["n"])
-        return [{k: z[f"{i}_{k}"] for k in FIELDS} for i in range(n)]
+def _wave_episodes(arrays: dict) -> list[dict]:
+    return [{k: arrays[f"{i}_{k}"] for k in FIELDS} for i in range(int(arrays["n"]))]
 
 
-def _save_wave(path: str, episodes: list[dict]) -> None:
-    arrays = {f"{i}_{k}": ep[k] for i, ep in enumerate(episodes) for k in FIELDS} | {"n": np.asarray(len(episodes))}
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _wave_arrays(episodes: list[dict]) -> dict:
+    return {f"{i}_{k}": ep[k] for i, ep in enumerate(episodes) for k in FIELDS} | {"n": np.asarray(len(episodes))}
 
 
 def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, seed: int = 0,
@@ -68,21 +63,16 @@ def collect(task: str, policy: Policy, transitions: int, *, num_envs: int = 64, 
     if not isinstance(num_envs, int) or num_envs <= 0:
         raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
     env = envs.NativeBatchEnv(t, num_envs)
-    if wave_dir:
-        os.makedirs(wave_dir, exist_ok=True)
+    waves = Store(wave_dir, NPZ, what="collection wave") if wave_dir else None
     if not isinstance(slot_steps, int) or slot_steps <= 0:
         raise ValueError(f"slot_steps must be a positive int, got {slot_steps!r}")
     slot_steps = min(slot_steps, -(-transitions // num_envs))  # small requests: one short wave
     episodes: list[dict] = []
     have, wave = 0, 0
     while have < transitions:
-        path = os.path.join(wave_dir, f"wave_{slot_steps}_{wave:06d}.npz") if wave_dir else None
-        if path and os.path.exists(path):
-            eps = _load_wave(path)
-        else:
-            eps = run_wave(env, policy, np.random.default_rng([seed, wave]), slot_steps)
-            if path:
-                _save_wave(path, eps)
+        run = lambda: run_wave(env, policy, np.random.default_rng([seed, wave]), slot_steps)
+        eps = _wave_episodes(waves.cached(f"wave_{slot_steps}_{wave:06d}", lambda: _wave_arrays(run()))) if waves \
+            else run()
         for ep in eps:
             if have >= transitions:
                 break

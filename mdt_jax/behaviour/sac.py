@@ -34,7 +34,7 @@ import optax
 
 from mdt_jax import envs
 from mdt_jax.behaviour import policy as pol
-from mdt_jax.fileio import orbax_read, orbax_writer, write_dir_atomic, write_json_atomic
+from mdt_jax.fileio import Store, tree_codec, write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,16 +190,20 @@ def evaluate_policy(task: str, params, episodes: int, seed: int, deterministic: 
 # ---------------------------------------------------------------------------------------------
 # The training loop (side effects: env stepping, checkpoints, logs).
 
-def _save_state(path: str, state: SACState, buf: dict, host: dict) -> None:
-    arrays = orbax_writer({"state": state._asdict(), "buffer": buf})
-    write_dir_atomic(path, {"arrays": arrays, "host.json": lambda p: write_json_atomic(p, host)}, overwrite=True)
+STATE_KEY = "state"  # WORKDIR/state/{arrays, host.json}
 
 
-def _load_state(path: str, state: SACState, buf: dict):
-    with open(os.path.join(path, "host.json")) as f:
-        host = json.load(f)
+def _state_store(workdir: str) -> Store:
+    return Store(workdir, tree_codec("arrays", header="host.json"), what="behaviour trainer state")
+
+
+def _save_state(store: Store, state: SACState, buf: dict, host: dict) -> None:
+    store.put(STATE_KEY, ({"state": state._asdict(), "buffer": buf}, host), overwrite=True)
+
+
+def _load_state(store: Store, state: SACState, buf: dict):
     target = {"state": jax.tree.map(np.asarray, state._asdict()), "buffer": jax.tree.map(np.asarray, buf)}
-    got = orbax_read(os.path.join(path, "arrays"), ValueError, "behaviour trainer state", target=target)
+    got, host = store.get(STATE_KEY, target=target)
     return SACState(**got["state"]), got["buffer"], host
 
 
@@ -233,11 +237,11 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
     state, buf = init_state(pcfg, cfg, jax.random.key(seed)), init_buffer(pcfg, cfg.buffer_size)
     host = {"env_steps": 0, "wall_s": 0.0, "episodes": 0,
             "np_rng": np.random.default_rng([seed, 1]).bit_generator.state}
-    state_dir = os.path.join(workdir, "state")
-    if os.path.isdir(state_dir):
-        state, buf, host = _load_state(state_dir, state, buf)
+    store = _state_store(workdir)
+    if STATE_KEY in store:
+        state, buf, host = _load_state(store, state, buf)
         state, buf = jax.device_put(state), jax.device_put(buf)
-        log(f"resumed from {state_dir} at {host['env_steps']} env steps")
+        log(f"resumed from {store.path(STATE_KEY)} at {host['env_steps']} env steps")
     rng = np.random.default_rng()
     rng.bit_generator.state = host["np_rng"]
     key = jax.random.key(seed)
@@ -302,7 +306,7 @@ def train(task: str, workdir: str, *, env_steps: int, cfg: SACConfig = SACConfig
                     "eval_return_mean": float(evals.mean()), "eval_return_std": float(evals.std()),
                     "eval_episodes": eval_episodes, "algo": "sac", "sac": run["sac"], "command": command}
             pol.save_policy(os.path.join(workdir, "policies", f"step_{n:08d}"), actor_np, pcfg, meta, overwrite=True)
-            _save_state(state_dir, state, buf, host)
+            _save_state(store, state, buf, host)
         if stop:
             log(f"{t.name}: eval return {row['eval_return']:.1f} >= stop_return {stop_return}; stopping")
             break
