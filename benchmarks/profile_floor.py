@@ -1,0 +1,358 @@
+"""Where the DT training step's and the evaluation forward's time goes: a shape-aware FLOP floor.
+
+    python benchmarks/profile_floor.py [--repeats 7] [--steps 20] [--calls 20] [--dot_s 0.05]
+                                       [--only train_h128|train_h512|eval_h128] [--json PATH]
+                                       [--hidden H --layers L --batch B --peak_n N]  (toy sizes: tests)
+
+`train_step.py`'s floor puts every FLOP of the step at the 2048^2 `jnp.dot` peak, but a DT's dots
+are small ((B*3K) x H by H x 3H, per-head 3K x 3K attention, ...) and XLA:CPU runs those well
+below that peak, so a fraction of that floor says little about what is left to gain. Here the floor
+is counted per shape. For each workload, the exact jitted function the project runs:
+- `train_h128`, `train_h512`: `mdt_jax.train.make_train_step` on train_step.py's shapes, pool and
+  sampler (K=20, batch 64, dropout 0.1, AdamW, clip 0.25), timed as train_step.py times it: a
+  fused `lax.scan` of `--steps` steps (`make_train_chunk`) divided by `--steps`;
+- `eval_h128`: `mdt_jax.evaluate.native_policy` (M=1 candidate, H128 L3 1 head relu, S=11, A=3,
+  K=20) at b = 8, 16, 32, 64 rows, one blocking call per forward (the mean of `--calls` calls);
+every `dot_general` of its jaxpr (sub-jaxprs included; a scan body counts its length times) is
+counted by (operand shapes, dtypes, dimension numbers), and each distinct dot is timed alone: a
+jitted `lax.fori_loop` of R of it on random float32 inputs, each repetition adding 1e-20 x the
+max of its output to its lhs so that XLA can neither hoist nor drop it (that max and add are
+counted in the dot's time: nothing is subtracted, so a dot's time alone is an upper bound on its
+own). Printed per workload: the measured time (median of `--repeats`), the naive floor (XLA's
+`cost_analysis` FLOPs / the matmul peak of the same run), the shape-aware dot time (the sum of
+count x time alone), their fractions of the measured time, and the rest (measured - dot time: the
+softmax, layer norms, dropout hash, AdamW, gathers, dispatch; negative where XLA:CPU overlaps
+independent dots), with a table of the dot shapes that take the most time. The jaxpr's dot FLOPs
+are checked against XLA's FLOPs of the compiled function (XLA counts elementwise FLOPs too, so the
+ratio is below 1 unless XLA dropped or rewrote a dot).
+
+`--json` holds per workload row (`train_h128`, `train_h512`, `eval_h128_b8`, ...) the figures and
+the common keys (`benchmarks/_common.py`: `floor_fraction` is the naive floor's, `speedup` and
+`speedup_vs_batched` null: no peer; training's `warm_s`/`cold_s` are seconds per call of `--steps`
+steps, as in train_step.py).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import train_step as TS  # noqa: E402
+from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
+from mdt_jax import evaluate as ev, train as T  # noqa: E402
+from mdt_jax.models import DTConfig, init_params  # noqa: E402
+
+WORKLOADS = ("train_h128", "train_h512", "eval_h128")
+EVAL_SHAPE = dict(hidden_size=128, n_layer=3, n_head=1, activation="relu")
+EVAL_BATCHES = (8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    """One distinct `dot_general`: what XLA sees of it."""
+
+    lhs: tuple
+    rhs: tuple
+    lhs_dtype: str
+    rhs_dtype: str
+    dims: tuple          # ((lhs contracting, rhs contracting), (lhs batch, rhs batch))
+    precision: object
+    out_dtype: object    # preferred_element_type
+
+    @property
+    def flops(self) -> int:
+        """2 x batch x lhs free x rhs free x contracting."""
+        (_, rc), (_, rb) = self.dims
+        rhs_free = math.prod(n for i, n in enumerate(self.rhs) if i not in rc and i not in rb)
+        return 2 * math.prod(self.lhs) * rhs_free
+
+    @property
+    def kind(self) -> str:
+        """'nn' x @ w, 'nt' x @ w.T (an input gradient), 'tn' x.T @ g (a weight gradient), 'tt'
+        for 2-D dots; 'batched' with batch dims (attention)."""
+        (lc, rc), (lb, _) = self.dims
+        if lb or len(self.lhs) != 2 or len(self.rhs) != 2:
+            return "batched"
+        return {((1,), (0,)): "nn", ((1,), (1,)): "nt", ((0,), (0,)): "tn", ((0,), (1,)): "tt"}.get((lc, rc), "other")
+
+    def label(self) -> str:
+        (lc, rc), (lb, rb) = self.dims
+        s = f"{'x'.join(map(str, self.lhs))} . {'x'.join(map(str, self.rhs))}"
+        return s + (f" c{list(lc)}{list(rc)}" + (f" b{list(lb)}{list(rb)}" if lb else ""))
+
+
+def _dot(eqn) -> Dot:
+    x, y = (v.aval for v in eqn.invars)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    return Dot(tuple(x.shape), tuple(y.shape), str(x.dtype), str(y.dtype), dims, eqn.params.get("precision"),
+               eqn.params.get("preferred_element_type"))
+
+
+def count_dots(jaxpr) -> collections.Counter:
+    """{Dot: how many run per call} over a (closed) jaxpr and every sub-jaxpr (jit, custom_jvp/vjp,
+    remat, ...; a scan body its length times). A while loop or a cond holding a dot is refused:
+    its count is not known from the jaxpr."""
+    out = collections.Counter()
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name == "dot_general":
+            out[_dot(eqn)] += 1
+            continue
+        n = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            inner = count_dots(sub)
+            if inner and eqn.primitive.name in ("while", "cond"):
+                raise ValueError(f"a {eqn.primitive.name} holds {sum(inner.values())} dot(s): their count per call "
+                                 "is not static")
+            for d, k in inner.items():
+                out[d] += n * k
+    return out
+
+
+def xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def time_dot(d: Dot, repeats: int, target_s: float, peak: float) -> tuple[float, int]:
+    """Seconds of one `d` alone (median of `repeats` calls of a fori_loop of R of it, / R) and R.
+
+    R aims each call at `target_s`, guessing a quarter of the peak (and at least 2 us a dot)."""
+    guess = max(d.flops / (0.25 * peak * 1e9), 2e-6)
+    reps = int(min(max(round(target_s / guess), 3), 20_000))
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal(d.lhs), d.lhs_dtype)
+    y = jnp.asarray(r.standard_normal(d.rhs), d.rhs_dtype)
+
+    def loop(x, y):
+        def body(_, x):
+            out = lax.dot_general(x, y, d.dims, precision=d.precision, preferred_element_type=d.out_dtype)
+            return x + (1e-20 * jnp.max(out)).astype(x.dtype)
+        return lax.fori_loop(0, reps, body, x)
+
+    f = jax.jit(loop)
+    f(x, y).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x, y).block_until_ready()
+        ts.append((time.perf_counter() - t) / reps)
+    return statistics.median(ts), reps
+
+
+@dataclasses.dataclass
+class Workload:
+    """A jitted function as the project runs it: its jaxpr, XLA's FLOPs, its first call and a warm
+    timer (seconds per step or forward); `per_call` steps make one call (common keys)."""
+
+    name: str
+    config: dict
+    jaxpr: object
+    xla_flops: float
+    cold_s: float
+    run: callable
+    per_call: int = 1
+
+
+def _init(f, abstract: bool):
+    """f() jitted (eager init compiles op by op, several times slower), or its shapes only."""
+    return jax.eval_shape(f) if abstract else jax.jit(f)()
+
+
+def train_parts(shape: str, hidden=None, layers=None, batch=None, abstract=False):
+    """(cfg, step, chunk, state, data) of train_step.py's step: its shapes, pool and sampler;
+    `hidden`/`layers`/`batch` shrink it; `abstract`: the state's shapes only."""
+    s = TS.SHAPES[shape] | {k: v for k, v in (("hidden_size", hidden), ("n_layer", layers)) if v}
+    B = batch or TS.B
+    cfg = DTConfig(state_dim=TS.S, act_dim=TS.A, context_len=TS.K, **s)
+    tcfg = T.TrainConfig(batch_size=B, warmup_steps=10_000)
+    data = jax.tree.map(jnp.asarray, TS.pool())
+    sample = lambda d, k: jax.tree.map(lambda x: x[jax.random.randint(k, (B,), 0, TS.POOL)], d)
+    state = _init(lambda: T.init_state(cfg, tcfg, jax.random.key(0)), abstract)
+    return cfg, T.make_train_step(cfg, tcfg, sample), T.make_train_chunk(cfg, tcfg, sample), state, data
+
+
+def eval_parts(b: int, hidden=None, layers=None, abstract=False):
+    """(cfg, params, window, mask) of `native_policy` for M=1 candidate on b rows: random weights
+    and windows, mask all ones; `abstract`: the params' shapes only."""
+    s = EVAL_SHAPE | {k: v for k, v in (("hidden_size", hidden), ("n_layer", layers)) if v}
+    K = TS.K
+    cfg = DTConfig(state_dim=TS.S, act_dim=TS.A, context_len=K, **s)
+    params = _init(lambda: jax.tree.map(lambda x: x[None], init_params(cfg, jax.random.key(0))), abstract)
+    r = np.random.default_rng(0)
+    window = (jnp.asarray(r.normal(size=(1, b, K, TS.S)), jnp.float32),
+              jnp.asarray(r.uniform(-1, 1, size=(1, b, K, TS.A)), jnp.float32),
+              jnp.asarray(r.uniform(0, 3.6, size=(1, b, K, 1)), jnp.float32),
+              jnp.asarray(r.integers(0, 1000, size=(1, b, K)), jnp.int32))
+    return cfg, params, window, jnp.ones((b, K), jnp.float32)
+
+
+def _policy(cfg: DTConfig):
+    return lambda params, window, mask: ev.native_policy(cfg, False, params, window, mask, None)
+
+
+def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
+    """The step's jaxpr, traced only (nothing compiled)."""
+    _, step, _, state, data = train_parts(shape, hidden, layers, batch, abstract=True)
+    return jax.make_jaxpr(step)(state, data)
+
+
+def eval_jaxpr(b: int, hidden=None, layers=None):
+    """The forward's jaxpr, traced only (nothing compiled)."""
+    cfg, *args = eval_parts(b, hidden, layers, abstract=True)
+    return jax.make_jaxpr(_policy(cfg))(*args)
+
+
+def _config(cfg: DTConfig, batch: int) -> dict:
+    return {"hidden_size": cfg.hidden_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "activation": cfg.activation, "context_len": cfg.context_len, "batch": batch}
+
+
+def train_workload(shape: str, steps: int, hidden=None, layers=None, batch=None) -> Workload:
+    """The step timed as train_step.py times it: `steps` steps in one fused call, / steps."""
+    cfg, step, chunk, state, data = train_parts(shape, hidden, layers, batch)
+    jaxpr = jax.make_jaxpr(step)(state, data)
+    flops = xla_flops(jax.jit(step).lower(state, data).compile())
+    t = time.perf_counter()
+    box = {"state": chunk(state, data, steps)[0]}  # compile + warm up (state donated)
+    jax.block_until_ready(box["state"])
+    cold_s = time.perf_counter() - t
+
+    def run() -> float:
+        t = time.perf_counter()
+        box["state"], m = chunk(box["state"], data, steps)
+        jax.block_until_ready(m)
+        return (time.perf_counter() - t) / steps
+
+    return Workload(f"train_{shape}", _config(cfg, batch or TS.B), jaxpr, flops, cold_s, run, steps)
+
+
+def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
+    """The forward timed one blocking call at a time (the mean of `calls`), as the loop calls it."""
+    cfg, *args = eval_parts(b, hidden, layers)
+    policy = _policy(cfg)
+    call = lambda: jax.block_until_ready(policy(*args))
+    t = time.perf_counter()
+    call()  # before the lowering below, so that the compilation is this call's
+    cold_s = time.perf_counter() - t
+    jaxpr = jax.make_jaxpr(policy)(*args)
+    flops = xla_flops(ev.native_policy.lower(cfg, False, *args, None).compile())
+
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - t) / calls
+
+    return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run)
+
+
+def profile(w: Workload, repeats: int, peak: float, dot_s: float, cache: dict) -> dict:
+    """The figures of one workload; `cache` keeps each distinct dot's time alone across workloads."""
+    ts = [w.run() for _ in range(repeats)]
+    measured = statistics.median(ts)
+    dots = count_dots(w.jaxpr)
+    rows = []
+    for d, n in dots.items():
+        if d not in cache:
+            cache[d] = time_dot(d, repeats, dot_s, peak)
+        alone, reps = cache[d]
+        rows.append({"dot": d.label(), "kind": d.kind, "lhs": list(d.lhs), "rhs": list(d.rhs),
+                     "dimension_numbers": [[list(x) for x in p] for p in d.dims], "count": n, "flops": d.flops,
+                     "alone_ms": 1e3 * alone, "reps": reps, "gflops": d.flops / alone / 1e9,
+                     "total_ms": 1e3 * n * alone})
+    rows.sort(key=lambda r: -r["total_ms"])
+    dot_flops = sum(d.flops * n for d, n in dots.items())
+    dot_s_total = sum(r["total_ms"] for r in rows) / 1e3
+    naive = w.xla_flops / (peak * 1e9)
+    return {"config": w.config, "measured_ms": 1e3 * measured, "measured_ms_all": [1e3 * t for t in ts],
+            "xla_gflop": w.xla_flops / 1e9, "dot_gflop": dot_flops / 1e9,
+            "dot_over_xla_flops": dot_flops / w.xla_flops if w.xla_flops else None,
+            "naive_floor_ms": 1e3 * naive, "dot_ms": 1e3 * dot_s_total, "rest_ms": 1e3 * (measured - dot_s_total),
+            "naive_fraction": naive / measured, "dot_fraction": dot_s_total / measured,
+            "rest_fraction": (measured - dot_s_total) / measured,
+            "dot_gflops": dot_flops / dot_s_total / 1e9, "measured_gflops": w.xla_flops / measured / 1e9,
+            "distinct_dots": len(rows), "dots_per_call": sum(dots.values()), "dots": rows} | common_keys(
+        warm_s=measured * w.per_call, cold_s=w.cold_s, floor_s=naive * w.per_call)
+
+
+def print_row(name: str, r: dict, top: int) -> None:
+    print(f"\n{name} {r['config']}")
+    print(f"  measured {r['measured_ms']:.3f} ms ({r['measured_gflops']:.1f} GFLOP/s of XLA's {r['xla_gflop']:.4f} "
+          f"GFLOP); jaxpr dots {r['dot_gflop']:.4f} GFLOP = {r['dot_over_xla_flops']:.3f} x XLA's FLOPs, "
+          f"{r['dots_per_call']} dots of {r['distinct_dots']} shapes")
+    print(f"  naive floor {r['naive_floor_ms']:.3f} ms ({r['naive_fraction']:.2f} of measured); shape-aware dot time "
+          f"{r['dot_ms']:.3f} ms ({r['dot_fraction']:.2f}; {r['dot_gflops']:.1f} GFLOP/s); rest {r['rest_ms']:.3f} ms "
+          f"({r['rest_fraction']:.2f})")
+    print(f"  {'dot (lhs . rhs, contracting, batch)':48} {'kind':>7} {'n':>3} {'MFLOP':>8} {'ms alone':>9} "
+          f"{'GFLOP/s':>8} {'ms total':>9} {'share':>6}")
+    for d in r["dots"][:top]:
+        print(f"  {d['dot']:48} {d['kind']:>7} {d['count']:3d} {d['flops'] / 1e6:8.2f} {d['alone_ms']:9.4f} "
+              f"{d['gflops']:8.1f} {d['total_ms']:9.4f} {d['total_ms'] / r['dot_ms']:6.1%}")
+    print(f"  {common_line(r)}")
+
+
+def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: int = 20, dot_s: float = 0.05,
+        hidden: int | None = None, layers: int | None = None, batch: int | None = None,
+        peak_n: int = 2048, top: int = 12) -> dict:
+    """Every workload's figures (`only`: one of WORKLOADS)."""
+    peak = matmul_peak(n=peak_n)
+    out = {"peak_gflops": peak, "args": {"repeats": repeats, "steps": steps, "calls": calls, "dot_s": dot_s,
+                                         "hidden": hidden, "layers": layers, "batch": batch, "peak_n": peak_n}}
+    print(f"float32 matmul peak (jitted {peak_n}^3 jnp.dot, median): {peak:.0f} GFLOP/s")
+    cache = {}
+    for name in [only] if only else WORKLOADS:
+        if name == "eval_h128":
+            ws = [eval_workload(b, calls, hidden, layers) for b in ([batch] if batch else EVAL_BATCHES)]
+        else:
+            ws = [train_workload(name[len("train_"):], steps, hidden, layers, batch)]
+        for w in ws:
+            out[w.name] = profile(w, repeats, peak, dot_s, cache)
+            print_row(w.name, out[w.name], top)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7, help="timings per figure (median)")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per fused call")
+    ap.add_argument("--calls", type=int, default=20, help="evaluation forwards per timing (mean)")
+    ap.add_argument("--dot_s", type=float, default=0.05, help="seconds one timing of a dot alone aims at")
+    ap.add_argument("--only", choices=WORKLOADS, default=None)
+    ap.add_argument("--hidden", type=int, default=None, help="override every workload's hidden size")
+    ap.add_argument("--layers", type=int, default=None, help="override every workload's layer count")
+    ap.add_argument("--batch", type=int, default=None, help="one batch for every workload (default: 64 for "
+                                                           "training, 8, 16, 32 and 64 rows for evaluation)")
+    ap.add_argument("--peak_n", type=int, default=2048, help="matrix size of the matmul peak (toy runs: smaller)")
+    ap.add_argument("--top", type=int, default=12, help="dot shapes shown per workload")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if min(args.repeats, args.steps, args.calls, args.top, args.peak_n) < 1 or not args.dot_s > 0:
+        ap.error("--repeats, --steps, --calls, --top, --peak_n and --dot_s must be positive")
+    if any(v is not None and v < 1 for v in (args.hidden, args.layers, args.batch)):
+        ap.error("--hidden, --layers and --batch must be >= 1")
+    out = run(args.only, repeats=args.repeats, steps=args.steps, calls=args.calls, dot_s=args.dot_s,
+              hidden=args.hidden, layers=args.layers, batch=args.batch, peak_n=args.peak_n, top=args.top)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""benchmarks/profile_floor.py: its dot count against a hand count of the model's matmuls, the
+count's recursion into sub-jaxprs, and its JSON at toy size (every time finite and > 0)."""
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import profile_floor as P  # noqa: E402
+
+S, A, K = P.TS.S, P.TS.A, P.TS.K
+
+
+def embed_flops(B, H):
+    return 2 * B * K * H * (S + A + 1)  # embed_return, embed_state, embed_action
+
+
+def block_flops(B, H, T, rows):
+    """One block's matmuls for `rows` query tokens of T (keys and values over all T): q, k, v,
+    q.k, p.v, c_proj, c_fc, mlp c_proj. Independent of the head count."""
+    q_kv = 2 * rows * H * H + 2 * T * H * 2 * H
+    return B * (q_kv + 4 * rows * T * H + 2 * rows * H * H + 2 * rows * H * 2 * 4 * H)
+
+
+def eval_hand(b, H, L):
+    """`outputs='last'`: 3K-1 tokens, the last block for the last state token, the action head."""
+    T = 3 * K - 1
+    return embed_flops(b, H) + (L - 1) * block_flops(b, H, T, T) + block_flops(b, H, T, 1) + 2 * b * H * A
+
+
+def train_hand(B, H, L):
+    """Forward (`outputs='action'`: the last block at the K state tokens), then two dots back per
+    forward dot (input and weight gradients) except the embeddings' (their inputs are data)."""
+    T = 3 * K
+    fwd = embed_flops(B, H) + (L - 1) * block_flops(B, H, T, T) + block_flops(B, H, T, K) + 2 * B * K * H * A
+    return 3 * fwd - embed_flops(B, H)
+
+
+def flops(counts):
+    return sum(d.flops * n for d, n in counts.items())
+
+
+@pytest.mark.parametrize("shape", ["h128", "h512"])
+def test_train_dots_match_a_hand_count(shape):
+    # exact: both are integer counts of the same matmuls
+    assert flops(P.count_dots(P.train_jaxpr(shape, hidden=16, layers=2, batch=4))) == train_hand(4, 16, 2)
+
+
+def test_eval_dots_match_a_hand_count():
+    for b in (4, 8):
+        assert flops(P.count_dots(P.eval_jaxpr(b, hidden=16, layers=2))) == eval_hand(b, 16, 2)
+
+
+def test_count_recurses_and_multiplies_scans():
+    x, w, v = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((8, 3))
+
+    def f(x, w, v):
+        body = jax.checkpoint(lambda c, _: (jnp.tanh(c @ w), None))
+        c, _ = lax.scan(body, x, None, length=5)
+        return jax.jit(lambda c: jax.nn.relu(c) @ v)(c)
+
+    counts = P.count_dots(jax.make_jaxpr(f)(x, w, v))
+    assert ({(d.lhs, d.rhs, d.kind): n for d, n in counts.items()}
+            == {((4, 8), (8, 8), "nn"): 5, ((4, 8), (8, 3), "nn"): 1})
+    assert flops(counts) == 5 * 2 * 4 * 8 * 8 + 2 * 4 * 8 * 3
+    with pytest.raises(ValueError, match="while"):
+        P.count_dots(jax.make_jaxpr(lambda x: lax.while_loop(lambda c: c[0, 0] < 9, lambda c: c @ w, x))(x))
+
+
+@pytest.mark.parametrize("only", ["train_h512", "eval_h128"])
+def test_toy_json(tmp_path, only):
+    path = tmp_path / "floor.json"
+    P.main(["--only", only, "--hidden", "16", "--layers", "1", "--batch", "4", "--repeats", "1", "--steps", "2",
+            "--calls", "2", "--dot_s", "0.002", "--peak_n", "256", "--json", str(path)])
+    out = json.loads(path.read_text())
+    name = "train_h512" if only == "train_h512" else "eval_h128_b4"
+    assert set(out) == {"peak_gflops", "args", name}
+    r = out[name]
+    for k in C.COMMON_KEYS:
+        assert k in r
+    assert r["speedup"] is None and r["speedup_vs_batched"] is None
+    times = [r["measured_ms"], r["naive_floor_ms"], r["dot_ms"], r["cold_s"], r["warm_s"], r["floor_fraction"],
+             *r["measured_ms_all"], *(d[k] for d in r["dots"] for k in ("alone_ms", "total_ms", "gflops"))]
+    assert all(isinstance(t, float) and math.isfinite(t) and t > 0 for t in times), times
+    assert math.isfinite(r["rest_ms"]) and r["rest_ms"] == pytest.approx(r["measured_ms"] - r["dot_ms"])
+    assert r["dot_ms"] == pytest.approx(sum(d["total_ms"] for d in r["dots"]))
+    assert r["dot_fraction"] == pytest.approx(r["dot_ms"] / r["measured_ms"])
+    per_call = 2 if only == "train_h512" else 1
+    assert r["warm_s"] == pytest.approx(r["measured_ms"] * per_call / 1e3)
+    hand = train_hand(4, 16, 1) if only == "train_h512" else eval_hand(4, 16, 1)
+    assert r["dot_gflop"] * 1e9 == pytest.approx(hand, rel=1e-12)
+    assert r["dots_per_call"] == sum(d["count"] for d in r["dots"]) and r["distinct_dots"] == len(r["dots"])
+    # XLA counts every dot the jaxpr has (none is dead here) and elementwise FLOPs besides
+    assert 0 < r["dot_over_xla_flops"] <= 1.0 + 1e-6
