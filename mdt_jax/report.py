@@ -31,6 +31,14 @@ Decisions (`decide`). The effect is the point estimate of the difference: True (
 the CI's lower end > 0 and effect > min_effect; False (B beats A, the claim refuted) when the
 CI's upper end < 0 and -effect > min_effect; otherwise None (undecided), its CI still reported.
 
+Between training runs (`seed_level_ci`). rliable's bootstrap resamples runs = (seed, episode)
+pairs as if every episode were an independent draw; episodes of one seed share its dataset order,
+init and training noise, so with few seeds that CI leaves most of the variance between training
+runs out. `seed_level_ci` is the two-level (hierarchical) bootstrap of the mean difference: seeds
+are resampled with replacement (the same seeds for every task: one seed trains every task's
+model), then each chosen seed's episodes within it. `compare` reports it beside rliable's CI for
+{task: (seeds, episodes)} scores of >= 2 seeds; it decides nothing there (`decide` on it does).
+
 Determinism: rliable's bootstraps draw their indices from NumPy's global RNG; every bootstrap
 here seeds it with `seed` first and restores the caller's RNG state after, so a call's result
 depends only on its inputs and `seed` (every method resampled with the same stream).
@@ -278,7 +286,8 @@ def compare(scores_a: Scores, scores_b: Scores, *, paired: bool = True, reps: in
 
     Returns {"a", "b" (the names), "metric", "paired", "tasks", "runs_a", "runs_b", "a_point",
     "b_point", "diff", "diff_ci": [lo, hi], "poi", "poi_ci": [lo, hi], "reps", "seed",
-    "confidence"} (+ "min_effect", "decided").
+    "confidence"} (+ "min_effect", "decided"; for {task: (seeds >= 2, episodes)} paired mean
+    comparisons also "diff_ci_seeds", `seed_level_ci`, and with `min_effect` "decided_seeds").
     """
     from rliable import library, metrics
 
@@ -320,9 +329,44 @@ def compare(scores_a: Scores, scores_b: Scores, *, paired: bool = True, reps: in
            "diff": pa - pb, "diff_ci": [float(dci[0, 0]), float(dci[1, 0])],
            "poi": float(ppoint["p"][0]), "poi_ci": [float(pci["p"][0, 0]), float(pci["p"][1, 0])],
            "reps": reps, "seed": seed, "confidence": confidence}
+    if (metric == "mean" and paired and isinstance(scores_a, Mapping) and isinstance(scores_b, Mapping)
+            and all(np.ndim(v) == 2 and np.shape(v)[0] >= 2 for v in scores_a.values())):
+        out["diff_ci_seeds"] = seed_level_ci({t: scores_a[t] for t in ta}, {t: scores_b[t] for t in ta}, reps=reps,
+                                             seed=seed, confidence=confidence)
     if min_effect is not None:
         out |= {"min_effect": min_effect, "decided": decide(out, min_effect)}
+        if "diff_ci_seeds" in out:
+            out["decided_seeds"] = decide(out["diff_ci_seeds"], min_effect, effect=out["diff"])
     return out
+
+
+def seed_level_ci(scores_a: Mapping[str, np.ndarray], scores_b: Mapping[str, np.ndarray], *,
+                  reps: int = DEFAULT_REPS, seed: int = 0, confidence: float = CONFIDENCE) -> list[float]:
+    """The percentile CI of mean(A) - mean(B) (the mean over tasks of each task's mean) by a
+    two-level bootstrap: `reps` times, draw seeds with replacement (one draw for all tasks), then
+    within each drawn seed its episodes with replacement (per task); A and B paired (the same
+    draws). Scores: {task: (seeds, episodes)}, the same shape for A and B and every task."""
+    reps, seed, confidence = check_reps(reps), _check_seed(seed), _check_confidence(confidence)
+    if not isinstance(scores_a, Mapping) or not isinstance(scores_b, Mapping) or set(scores_a) != set(scores_b) \
+            or not scores_a:
+        raise ValueError("seed_level_ci: need {task: (seeds, episodes)} mappings over the same tasks")
+    d = {t: _as_float_array(scores_a[t], f"scores_a[{t!r}]") - _as_float_array(scores_b[t], f"scores_b[{t!r}]")
+         for t in scores_a}
+    shapes = {t: x.shape for t, x in d.items()}
+    if len(set(shapes.values())) != 1 or next(iter(shapes.values()))[0] < 2 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"seed_level_ci: every task needs the same (seeds >= 2, episodes) for A and B, got {shapes}")
+    if not all(np.isfinite(x).all() for x in d.values()):
+        raise ValueError("seed_level_ci: non-finite scores")
+    S, E = next(iter(shapes.values()))
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, S, (reps, S))
+    stat = np.zeros(reps)
+    for t in sorted(d):
+        eps = rng.integers(0, E, (reps, S, E))
+        stat += d[t][seeds[:, :, None], eps].mean(axis=(1, 2))
+    stat /= len(d)
+    q = (1 - confidence) / 2
+    return [float(np.quantile(stat, q)), float(np.quantile(stat, 1 - q))]
 
 
 def decide(ci, min_effect: float, *, effect: float | None = None) -> bool | None:

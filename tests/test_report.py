@@ -88,6 +88,62 @@ def test_paired_ci_is_narrower_on_correlated_runs():
     assert iqm["diff"] == pytest.approx(scipy.stats.trim_mean(a, 0.25, axis=None) - scipy.stats.trim_mean(b, 0.25, axis=None))
 
 
+def _nested(S=4, E=12, seed_sd=8.0, ep_sd=3.0, effect=1.0, rng=0):
+    """{task: (S, E)} scores for A and B where each training seed moves A - B by its own offset."""
+    r = np.random.default_rng(rng)
+    a, b = {}, {}
+    # one seed trains every task's model, so its offset is shared across tasks; +-seed_sd in turn
+    offsets = seed_sd * np.resize([-1.0, 1.0, -0.75, 0.75], S)
+    for t in TASKS:
+        start = r.normal(0, 20, (S, E))
+        b[t] = start + r.normal(0, ep_sd, (S, E))
+        a[t] = start + effect + offsets[:, None] + r.normal(0, ep_sd, (S, E))
+    return a, b
+
+
+def test_seed_level_ci_is_the_two_level_bootstrap():
+    """Against a plain loop over the same draws: seeds with replacement (one draw for all tasks),
+    then each drawn seed's episodes per task, A and B paired."""
+    a, b = _nested()
+    reps = 100
+    got = report.seed_level_ci(a, b, reps=reps, seed=5)
+    rng = np.random.default_rng(5)
+    S, E = a[TASKS[0]].shape
+    seeds = rng.integers(0, S, (reps, S))
+    eps = {t: rng.integers(0, E, (reps, S, E)) for t in sorted(TASKS)}
+    stats = []
+    for k in range(reps):
+        per_task = []
+        for t in TASKS:
+            vals = [a[t][s, e] - b[t][s, e] for i, s in enumerate(seeds[k]) for e in eps[t][k, i]]
+            per_task.append(np.mean(vals))
+        stats.append(np.mean(per_task))
+    assert got == pytest.approx([np.quantile(stats, 0.025), np.quantile(stats, 0.975)], abs=1e-12)
+    assert report.seed_level_ci(a, b, reps=reps, seed=5) == got  # deterministic
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        report.seed_level_ci({t: v[:1] for t, v in a.items()}, {t: v[:1] for t, v in b.items()})
+    with pytest.raises(ValueError, match="same tasks"):
+        report.seed_level_ci(a, {t: b[t] for t in TASKS[:2]})
+    with pytest.raises(ValueError, match="bootstrap_reps"):
+        report.seed_level_ci(a, b, reps=5)
+
+
+def test_seed_level_ci_keeps_the_variance_between_training_runs():
+    """With a large per-seed offset, rliable's runs = seeds x episodes CI is narrow and decides,
+    the seed-level one is wide and does not; with no seed offset the two agree in width."""
+    a, b = _nested(seed_sd=8.0)
+    c = report.compare(a, b, reps=1000, seed=0, min_effect=0.5)
+    assert report.half_width(c["diff_ci_seeds"]) > 3 * report.half_width(c["diff_ci"])
+    assert c["decided_seeds"] is None
+    a0, b0 = _nested(seed_sd=0.0, S=6, E=20)
+    c0 = report.compare(a0, b0, reps=1000, seed=0)
+    ratio = report.half_width(c0["diff_ci_seeds"]) / report.half_width(c0["diff_ci"])
+    assert 0.7 < ratio < 1.6, ratio
+    flat = report.compare(np.stack([a[t].ravel() for t in TASKS], 1), np.stack([b[t].ravel() for t in TASKS], 1),
+                          reps=REPS)
+    assert "diff_ci_seeds" not in flat  # a (runs, tasks) matrix carries no seeds
+
+
 def test_probability_of_improvement_is_one_when_a_dominates():
     b = _scores(2)
     a = b + (b.max() - b.min()) + 1.0  # every run of A above every run of B
