@@ -22,6 +22,24 @@ def matmul_peak(repeats: int = 10, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
+def chunk_timer(chunk, state, data, steps: int):
+    """(run, cold_s) for a train chunk `chunk(state, data, steps) -> (state, metrics)` that donates
+    its state: the first call (compilation included) is `cold_s`; `run()` times one more call and
+    returns seconds per step."""
+    t = time.perf_counter()
+    box = {"state": chunk(state, data, steps)[0]}  # compile + warm up (state donated)
+    jax.block_until_ready(box["state"])
+    cold_s = time.perf_counter() - t
+
+    def run() -> float:
+        t = time.perf_counter()
+        box["state"], m = chunk(box["state"], data, steps)
+        jax.block_until_ready(m)
+        return (time.perf_counter() - t) / steps
+
+    return run, cold_s
+
+
 COMMON_KEYS = ("speedup", "speedup_vs_batched", "floor_fraction", "cold_s", "warm_s")
 
 

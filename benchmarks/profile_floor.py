@@ -52,7 +52,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import train_step as TS  # noqa: E402
-from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
+from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import evaluate as ev, train as T  # noqa: E402
 from mdt_jax.models import DTConfig, init_params  # noqa: E402
 
@@ -228,17 +228,7 @@ def train_workload(shape: str, steps: int, hidden=None, layers=None, batch=None)
     cfg, step, chunk, state, data = train_parts(shape, hidden, layers, batch)
     jaxpr = jax.make_jaxpr(step)(state, data)
     flops = xla_flops(jax.jit(step).lower(state, data).compile())
-    t = time.perf_counter()
-    box = {"state": chunk(state, data, steps)[0]}  # compile + warm up (state donated)
-    jax.block_until_ready(box["state"])
-    cold_s = time.perf_counter() - t
-
-    def run() -> float:
-        t = time.perf_counter()
-        box["state"], m = chunk(box["state"], data, steps)
-        jax.block_until_ready(m)
-        return (time.perf_counter() - t) / steps
-
+    run, cold_s = chunk_timer(chunk, state, data, steps)
     return Workload(f"train_{shape}", _config(cfg, batch or TS.B), jaxpr, flops, cold_s, run, steps)
 
 

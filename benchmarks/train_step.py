@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
+from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import train as T  # noqa: E402
 from mdt_jax.models import DTConfig  # noqa: E402
 
@@ -61,17 +61,7 @@ def jax_runner(shape: str, steps: int):
     cost = one.lower(state, data).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
-    t = time.perf_counter()
-    box = {"state": chunk(state, data, steps)[0]}  # compile + warm up
-    jax.block_until_ready(box["state"])
-    cold_s = time.perf_counter() - t
-
-    def run() -> float:
-        t = time.perf_counter()
-        box["state"], m = chunk(box["state"], data, steps)
-        jax.block_until_ready(m)
-        return (time.perf_counter() - t) / steps
-
+    run, cold_s = chunk_timer(chunk, state, data, steps)
     return run, flops, cold_s
 
 
