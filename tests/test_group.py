@@ -260,6 +260,28 @@ def test_memory_estimate_counts_the_stacked_state():
     assert four["total"] == sum(v for k, v in four.items() if k != "total")
 
 
+@pytest.mark.parametrize("H,L,heads,K,B,G", [(32, 2, 1, 20, 32, 6), (64, 2, 2, 20, 64, 4)])
+def test_memory_estimate_bounds_the_compiled_programs_peak(H, L, heads, K, B, G):
+    """The estimate from shapes is an upper bound of what XLA's compiled grouped step holds at
+    once (its buffers' temp + argument bytes, `memory_analysis`), and not far above it."""
+    import jax.numpy as jnp
+
+    from mdt_jax import train as T
+    from mdt_jax.models.dt import DTConfig
+    from mdt_jax.training import _data_struct, estimate_group_bytes, group_sample
+
+    cfg = DTConfig(state_dim=17, act_dim=6, hidden_size=H, n_layer=L, n_head=heads, context_len=K, max_ep_len=1000)
+    tcfg = T.TrainConfig(batch_size=B)
+    est = estimate_group_bytes(cfg, tcfg, "single_task", G)["total"]
+    state = jax.eval_shape(lambda: jax.vmap(lambda s: T.init_state(cfg, tcfg, jax.random.key(s)))(jnp.arange(G)))
+    data = jax.eval_shape(lambda: jax.tree.map(lambda x: jnp.zeros((G,) + x.shape, x.dtype),
+                                               _data_struct("single_task", cfg)))
+    chunk = T.make_train_chunk(cfg, tcfg, group_sample("single_task", B), vmapped=True)
+    ma = chunk.lower(state, data, 1).compile().memory_analysis()
+    peak = ma.temp_size_in_bytes + ma.argument_size_in_bytes
+    assert peak <= est <= 1.5 * peak, (peak, est)
+
+
 def _study_config(**group):
     import tiny_study
 
