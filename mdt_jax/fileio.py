@@ -49,10 +49,7 @@ def write_file_atomic(path, write: Callable[[str], None], *, overwrite: bool = F
 
 
 def write_json_atomic(path, obj: Any, *, overwrite: bool = True) -> str:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-    return write_file_atomic(path, write, overwrite=overwrite)
+    return write_file_atomic(path, lambda tmp: _write_json(tmp, obj), overwrite=overwrite)
 
 
 def write_dir_atomic(folder, files: Mapping[str, Callable[[str], None]], *, overwrite: bool = False) -> str:

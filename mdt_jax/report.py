@@ -330,7 +330,7 @@ def compare(scores_a: Scores, scores_b: Scores, *, paired: bool = True, reps: in
            "poi": float(ppoint["p"][0]), "poi_ci": [float(pci["p"][0, 0]), float(pci["p"][1, 0])],
            "reps": reps, "seed": seed, "confidence": confidence}
     if (metric == "mean" and paired and isinstance(scores_a, Mapping) and isinstance(scores_b, Mapping)
-            and all(np.ndim(v) == 2 and np.shape(v)[0] >= 2 for v in scores_a.values())):
+            and all(np.ndim(v) == 2 and np.shape(v)[0] >= 2 for v in (*scores_a.values(), *scores_b.values()))):
         out["diff_ci_seeds"] = seed_level_ci({t: scores_a[t] for t in ta}, {t: scores_b[t] for t in ta}, reps=reps,
                                              seed=seed, confidence=confidence)
     if min_effect is not None:
@@ -350,14 +350,16 @@ def seed_level_ci(scores_a: Mapping[str, np.ndarray], scores_b: Mapping[str, np.
     if not isinstance(scores_a, Mapping) or not isinstance(scores_b, Mapping) or set(scores_a) != set(scores_b) \
             or not scores_a:
         raise ValueError("seed_level_ci: need {task: (seeds, episodes)} mappings over the same tasks")
-    d = {t: _as_float_array(scores_a[t], f"scores_a[{t!r}]") - _as_float_array(scores_b[t], f"scores_b[{t!r}]")
-         for t in scores_a}
-    shapes = {t: x.shape for t, x in d.items()}
-    if len(set(shapes.values())) != 1 or next(iter(shapes.values()))[0] < 2 or len(next(iter(shapes.values()))) != 2:
-        raise ValueError(f"seed_level_ci: every task needs the same (seeds >= 2, episodes) for A and B, got {shapes}")
+    pairs = {t: (_as_float_array(scores_a[t], f"scores_a[{t!r}]"), _as_float_array(scores_b[t], f"scores_b[{t!r}]"))
+             for t in scores_a}
+    shapes = {x.shape for pair in pairs.values() for x in pair}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] < 2:
+        raise ValueError("seed_level_ci: every task needs the same (seeds >= 2, episodes) for A and B, got "
+                         f"{ {t: (a.shape, b.shape) for t, (a, b) in pairs.items()} }")
+    d = {t: a - b for t, (a, b) in pairs.items()}
     if not all(np.isfinite(x).all() for x in d.values()):
         raise ValueError("seed_level_ci: non-finite scores")
-    S, E = next(iter(shapes.values()))
+    S, E = next(iter(shapes))
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, S, (reps, S))
     stat = np.zeros(reps)

@@ -284,13 +284,12 @@ def _fishers(config, workdirs: list[str], models: list[str], datasets: list[str]
 
     fields = config_dict(config.fisher) | dict(seed=seed, spec_info=spec_info)
     runs = [FisherRun(**(fields | dict(checkpoint=m, dataset=(d,)))) for m, d in zip(models, datasets)]
-    for w in workdirs:
-        if not os.path.exists(os.path.join(w, META_FILE)):
-            _log(f"fisher {os.path.basename(w)}")
+    todo = [(r, w) for r, w in zip(runs, workdirs) if not os.path.exists(os.path.join(w, META_FILE))]
+    for _, w in todo:
+        _log(f"fisher {os.path.basename(w)}")
     if _group_mode(config) == "off":
-        for r, w in zip(runs, workdirs):
-            if not os.path.exists(os.path.join(w, META_FILE)):
-                fisher_run(r, w)
+        for r, w in todo:
+            fisher_run(r, w)
     else:
         fisher_group_run(runs, workdirs)
     return list(workdirs)
@@ -411,12 +410,11 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
             _train_grouped(config, workdir, f"p1ft_{seed}", [
                 _p1_finetune_run(config, sdir, r, method, data, seed)
                 for (method, subset), out in zip(variants, merged) if subset == "attn,mlp"
-                for r in out if r["model"] != f"unmerged[{r['task']}]"])
+                for r in out if not _unmerged(r)])
         for (method, subset), out in zip(variants, merged):
             for r in out:  # own_task evaluation: each merged (or unmerged) model on its own task
-                unmerged = r["model"] == f"unmerged[{r['task']}]"
-                assert unmerged or r["model"] == f"p1_{method}[{r['task']}]", (r["model"], r["task"])
-                if unmerged:
+                assert _unmerged(r) or r["model"] == f"p1_{method}[{r['task']}]", (r["model"], r["task"])
+                if _unmerged(r):
                     rows += _tag([r], seed, pipeline="single", model=f"dt_{name}", method="unmerged")
                 else:
                     rows += _tag([r], seed, pipeline="p1", model=f"dt_{name}", method=method,
@@ -483,6 +481,11 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")
     return rows
+
+
+def _unmerged(row: dict) -> bool:
+    """Whether a P1 stage's row is an input model (evaluated on its own task), not a merge."""
+    return row["model"] == f"unmerged[{row['task']}]"
 
 
 def _p1_finetune_run(config, sdir: str, row: dict, method: str, data: dict, seed: int) -> tuple[str, dict]:

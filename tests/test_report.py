@@ -124,6 +124,8 @@ def test_seed_level_ci_is_the_two_level_bootstrap():
         report.seed_level_ci({t: v[:1] for t, v in a.items()}, {t: v[:1] for t, v in b.items()})
     with pytest.raises(ValueError, match="same tasks"):
         report.seed_level_ci(a, {t: b[t] for t in TASKS[:2]})
+    with pytest.raises(ValueError, match="seeds >= 2"):  # no silent broadcast of one seed against four
+        report.seed_level_ci(a, {t: v[:1] for t, v in b.items()})
     with pytest.raises(ValueError, match="bootstrap_reps"):
         report.seed_level_ci(a, b, reps=5)
 
