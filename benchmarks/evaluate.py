@@ -405,13 +405,14 @@ def breakdown(cfg, params, task: str, E: int, lengths: np.ndarray, calls: int = 
     T, K = int(lengths.max()), cfg.context_len
     live = (lengths[0][None, :] > np.arange(T)[:, None]).sum(1)  # live episodes at each step
     buckets = np.asarray([ev.bucket(int(n), E) for n in live])
-    stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], params)
+    stacked = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * 2), params)  # one candidate, as _NativeDT runs it
     policy = {}
     for b in sorted(set(buckets.tolist())):
-        window = [np.zeros((1, b, K, cfg.state_dim), np.float32), np.zeros((1, b, K, cfg.act_dim), np.float32),
-                  np.zeros((1, b, K, 1), np.float32), np.full((1, b, K), 500, np.int32)]
+        window = [np.zeros((2, b, K, cfg.state_dim), np.float32), np.zeros((2, b, K, cfg.act_dim), np.float32),
+                  np.zeros((2, b, K, 1), np.float32), np.full((2, b, K), 500, np.int32)]
         mask = np.ones((b, K), np.float32)
-        s = median_time(lambda: np.asarray(ev.native_policy(cfg, False, stacked, window, mask, None)), calls)
+        s = median_time(lambda: np.asarray(ev.native_policy(cfg, False, stacked, window, mask, None, np.int32(1))),
+                        calls)
         policy[b] = (int((buckets == b).sum()), s)
     env = envs.NativeBatchEnv(task, E)
     env.reset(0)

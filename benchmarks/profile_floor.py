@@ -11,8 +11,10 @@ is counted per shape. For each workload, the exact jitted function the project r
 - `train_h128`, `train_h512`: `mdt_jax.train.make_train_step` on train_step.py's shapes, pool and
   sampler (K=20, batch 64, dropout 0.1, AdamW, clip 0.25), timed as train_step.py times it: a
   fused `lax.scan` of `--steps` steps (`make_train_chunk`) divided by `--steps`;
-- `eval_h128`: `mdt_jax.evaluate.native_policy` (M=1 candidate, H128 L3 1 head relu, S=11, A=3,
-  K=20) at b = 8, 16, 32, 64 rows, one blocking call per forward (the mean of `--calls` calls);
+- `eval_h128`: `mdt_jax.evaluate.native_policy` (M=1 candidate, as the evaluation loop calls it:
+  a stack of two, one computed; H128 L3 1 head relu, S=11, A=3, K=20) at b = 8, 16, 32, 64 rows,
+  one blocking call per forward (the mean of `--calls` calls); its dots and FLOPs are those of the
+  one forward its loop runs (the loop's trip count is not static);
 every `dot_general` of its jaxpr (sub-jaxprs included; a scan body counts its length times) is
 counted by (operand shapes, dtypes, dimension numbers), and each distinct dot is timed alone: a
 jitted `lax.fori_loop` of R of it on random float32 inputs, each repetition adding 1e-20 x the
@@ -54,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import train_step as TS  # noqa: E402
 from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak  # noqa: E402
 from mdt_jax import evaluate as ev, train as T  # noqa: E402
-from mdt_jax.models import DTConfig, init_params  # noqa: E402
+from mdt_jax.models import DTConfig, apply, init_params  # noqa: E402
 
 WORKLOADS = ("train_h128", "train_h512", "eval_h128")
 EVAL_SHAPE = dict(hidden_size=128, n_layer=3, n_head=1, activation="relu")
@@ -188,22 +190,30 @@ def train_parts(shape: str, hidden=None, layers=None, batch=None, abstract=False
 
 
 def eval_parts(b: int, hidden=None, layers=None, abstract=False):
-    """(cfg, params, window, mask) of `native_policy` for M=1 candidate on b rows: random weights
-    and windows, mask all ones; `abstract`: the params' shapes only."""
+    """(cfg, params, window, mask) of one candidate's forward on b rows: random weights and
+    windows, mask all ones; `abstract`: the params' shapes only."""
     s = EVAL_SHAPE | {k: v for k, v in (("hidden_size", hidden), ("n_layer", layers)) if v}
     K = TS.K
     cfg = DTConfig(state_dim=TS.S, act_dim=TS.A, context_len=K, **s)
-    params = _init(lambda: jax.tree.map(lambda x: x[None], init_params(cfg, jax.random.key(0))), abstract)
+    params = _init(lambda: init_params(cfg, jax.random.key(0)), abstract)
     r = np.random.default_rng(0)
-    window = (jnp.asarray(r.normal(size=(1, b, K, TS.S)), jnp.float32),
-              jnp.asarray(r.uniform(-1, 1, size=(1, b, K, TS.A)), jnp.float32),
-              jnp.asarray(r.uniform(0, 3.6, size=(1, b, K, 1)), jnp.float32),
-              jnp.asarray(r.integers(0, 1000, size=(1, b, K)), jnp.int32))
+    window = (jnp.asarray(r.normal(size=(b, K, TS.S)), jnp.float32),
+              jnp.asarray(r.uniform(-1, 1, size=(b, K, TS.A)), jnp.float32),
+              jnp.asarray(r.uniform(0, 3.6, size=(b, K, 1)), jnp.float32),
+              jnp.asarray(r.integers(0, 1000, size=(b, K)), jnp.int32))
     return cfg, params, window, jnp.ones((b, K), jnp.float32)
 
 
+def _forward(cfg: DTConfig):
+    """One candidate's forward: the body `native_policy`'s loop runs once per candidate."""
+    return lambda params, window, mask: apply(cfg, params, *window, mask, None, outputs="last")
+
+
 def _policy(cfg: DTConfig):
-    return lambda params, window, mask: ev.native_policy(cfg, False, params, window, mask, None)
+    """The call the evaluation loop makes for one candidate (`evaluate._NativeDT`)."""
+    two = lambda x: jnp.stack([x, x])
+    return lambda params, window, mask: ev.native_policy(cfg, False, jax.tree.map(two, params),
+                                                         [two(w) for w in window], mask, None, np.int32(1))
 
 
 def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
@@ -215,7 +225,7 @@ def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
 def eval_jaxpr(b: int, hidden=None, layers=None):
     """The forward's jaxpr, traced only (nothing compiled)."""
     cfg, *args = eval_parts(b, hidden, layers, abstract=True)
-    return jax.make_jaxpr(_policy(cfg))(*args)
+    return jax.make_jaxpr(_forward(cfg))(*args)
 
 
 def _config(cfg: DTConfig, batch: int) -> dict:
@@ -240,8 +250,8 @@ def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
     t = time.perf_counter()
     call()  # before the lowering below, so that the compilation is this call's
     cold_s = time.perf_counter() - t
-    jaxpr = jax.make_jaxpr(policy)(*args)
-    flops = xla_flops(ev.native_policy.lower(cfg, False, *args, None).compile())
+    jaxpr = jax.make_jaxpr(_forward(cfg))(*args)
+    flops = xla_flops(jax.jit(_forward(cfg)).lower(*args).compile())
 
     def run() -> float:
         t = time.perf_counter()

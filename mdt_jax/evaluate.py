@@ -26,7 +26,7 @@ import functools
 import math
 import os
 import zlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import flax.struct
 import jax
@@ -213,25 +213,114 @@ def model_stats(model, tasks, target_return: float = 0.0, field: str = "config.c
     return stats
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalRequest:
+    """What `evaluate_model` evaluates, as a value: `params` (one model, or candidates stacked on a
+    leading axis, one per entry of `stacked_coeffs`) with `model`'s config and normalisers (a
+    `checkpoint.Model`) on reset seed `seed`, under `spec`; its rows are labelled `label` and
+    `checkpoint`. A stage yields these (`run_lockstep`) so that requests of several stages share
+    calls."""
+
+    model: Any
+    params: Any
+    spec: EvalSpec
+    seed: int
+    label: str
+    checkpoint: str | None = None
+    stacked_coeffs: list | None = None
+
+    def tasks(self) -> list[str]:
+        """A multi-task model runs on its tasks; a single-task one on its own task
+        (`spec.own_task`) or on every task its dims fit."""
+        cfg = self.model.cfg
+        if cfg.multi:
+            return list(cfg.task_names)
+        if self.spec.own_task:
+            return [self.model.metadata["task"]]
+        return [t.name for t in map(envs.get_task, envs.TASKS) if (t.obs_dim, t.act_dim) == (cfg.state_dim, cfg.act_dim)]
+
+    def stacked(self) -> tuple[Any, list[dict]]:
+        """(the params with their candidate axis, one added to a single param set; each
+        candidate's coefficients, {} where none are given)."""
+        n = _num_candidates(self.model.cfg, self.params)  # raises on params that fit no stack
+        if n is None:
+            return jax.tree.map(lambda x: jnp.asarray(x)[None], self.params), [{}]
+        coeffs = list(self.stacked_coeffs) if self.stacked_coeffs is not None else [{}] * n
+        if len(coeffs) != n:
+            raise ValueError(f"{self.label}: {n} stacked candidates but {len(coeffs)} stacked_coeffs")
+        return self.params, coeffs
+
+    def group_key(self, stats: dict) -> tuple:
+        """Requests with equal keys run as one call: the same config, tasks, normalisers and spec."""
+        norm = tuple((t, np.asarray(st.state_mean, np.float32).tobytes(), np.asarray(st.state_std, np.float32).tobytes(),
+                      st.target_return, st.rtg_scale) for t, st in stats.items())
+        return self.model.cfg, norm, self.spec
+
+
 def evaluate_model(model, params, spec: EvalSpec, *, seed: int, label: str, checkpoint: str | None = None,
                    stacked_coeffs: list[dict] | None = None) -> list[Row]:
     """Evaluate `params` (one model, or candidates stacked on a leading axis, one per entry of
     `stacked_coeffs`) with `model`'s config and normalisers (a `checkpoint.Model`) on reset seed
     `seed`; one Row per (candidate, task). A multi-task model runs on its tasks; a single-task one
     on its own task (`spec.own_task`) or on every task its dims fit."""
-    cfg, meta = model.cfg, model.metadata
-    if cfg.multi:
-        tasks = list(cfg.task_names)
-    elif spec.own_task:
-        tasks = [meta["task"]]
-    else:
-        tasks = [t.name for t in map(envs.get_task, envs.TASKS) if (t.obs_dim, t.act_dim) == (cfg.state_dim, cfg.act_dim)]
-    stats = model_stats(model, tasks)
-    results = evaluate(cfg, params, tasks, stats, episodes=spec.episodes, max_steps=spec.max_steps, seed=seed,
-                       executor=spec.executor)
-    mode = meta.get("checkpoint_mode", "last")
-    return [Row(label, r.summary(i), mode, checkpoint, coeffs or None)
-            for i, coeffs in enumerate(stacked_coeffs or [{}]) for r in results]
+    return evaluate_requests([EvalRequest(model, params, spec, seed, label, checkpoint, stacked_coeffs)])[0]
+
+
+def evaluate_requests(requests: Sequence[EvalRequest]) -> list[list[Row]]:
+    """Each request's rows (as `evaluate_model` gives them), every group of requests with the same
+    config, tasks, normalisers and spec evaluated in one `evaluate` call: their candidates
+    stacked, each on its own reset seed. On the native executor a candidate's rows are bitwise
+    those it gets alone (`native_policy`), so grouping changes no result."""
+    groups: dict[tuple, list[int]] = {}
+    stats = []
+    for i, r in enumerate(requests):
+        stats.append(model_stats(r.model, r.tasks()))
+        groups.setdefault(r.group_key(stats[-1]), []).append(i)
+    out: list[list[Row] | None] = [None] * len(requests)
+    for members in groups.values():
+        first = requests[members[0]]
+        parts, coeffs = zip(*(requests[i].stacked() for i in members))
+        sizes = [len(c) for c in coeffs]
+        params = parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+        seeds = [requests[i].seed for i, n in zip(members, sizes) for _ in range(n)]
+        results = evaluate(first.model.cfg, params, first.tasks(), stats[members[0]], episodes=first.spec.episodes,
+                           max_steps=first.spec.max_steps, seed=seeds, executor=first.spec.executor)
+        offset = 0
+        for i, n, c in zip(members, sizes, coeffs):
+            r = requests[i]
+            mode = r.model.metadata.get("checkpoint_mode", "last")
+            out[i] = [Row(r.label, res.summary(offset + k), mode, r.checkpoint, ck or None)
+                      for k, ck in enumerate(c) for res in results]
+            offset += n
+    return out
+
+
+def run_lockstep(stages: Sequence[Generator], on_done: Callable[[int, Any], None] | None = None) -> list:
+    """Run stages written as generators that yield `EvalRequest`s and are sent back each one's
+    rows: every stage is advanced to its next request, all pending requests are evaluated
+    together (`evaluate_requests`: compatible ones in one call), and so on until every stage has
+    returned. Returns their return values in order; `on_done(i, value)` is called as stage i
+    returns (e.g. to cache it). A stage alone runs exactly as it would with `evaluate_model`
+    called inline."""
+    out: list = [None] * len(stages)
+    sent: dict[int, Any] = {i: None for i in range(len(stages))}
+    while sent:
+        pending = {}
+        for i, rows in sent.items():
+            try:
+                req = stages[i].send(rows)
+            except StopIteration as stop:
+                out[i] = stop.value
+                if on_done is not None:
+                    on_done(i, stop.value)
+                continue
+            if not isinstance(req, EvalRequest):
+                raise TypeError(f"run_lockstep: stage {i} yielded {type(req).__name__}, not an EvalRequest")
+            pending[i] = req
+        if not pending:
+            break
+        sent = dict(zip(pending, evaluate_requests(list(pending.values()))))
+    return out
 
 
 def _num_candidates(cfg: DTConfig, params) -> int | None:
@@ -273,23 +362,35 @@ def bucket(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def native_policy(cfg, vmapped, params, window, mask, task_id):
-    """Actions (M, b, A) of M candidates for their windows (M, b, K, ...) (oldest-first, as
-    `context_view` gives them) and the shared mask (b, K).
+def native_policy(cfg, vmapped, params, window, mask, task_id, n=None):
+    """Actions (M, b, A) of the first `n` of M candidates for their windows (M, b, K, ...)
+    (oldest-first, as `context_view` gives them) and the shared mask (b, K); rows past `n` are
+    zeros. `n` (traced; default M) lets a stack padded to two hold one candidate.
 
-    One candidate at a time (`lax.map`; M = 1 calls the model directly): XLA:CPU runs vmap's
-    batched (M, rows, in) x (M, in, out) dots ~1.5x slower than the 2-D ones, and this way every
-    candidate's actions are bitwise those it gets when evaluated alone. `vmapped` (candidates
-    sharded over devices) keeps the vmap so that the candidate axis stays split.
+    One candidate at a time, in a loop whose trip count XLA cannot see (`n` is an argument), over
+    stacks of at least two: XLA:CPU runs vmap's batched (M, rows, in) x (M, in, out) dots ~1.5x
+    slower than the 2-D ones, and this way a candidate's actions are bitwise the same whatever it
+    is stacked with (a known trip count, or a stack of one, lets XLA simplify the loop and its
+    indexing into a differently fused program, which differs in the last bits). So several seeds'
+    candidates share one call and each gets what it gets alone. `vmapped` (candidates sharded over
+    devices) keeps the vmap so that the candidate axis stays split.
     """
     def one(p, s, a, r, tt):
         return apply(cfg, p, s, a, r, tt, mask, task_id, outputs="last")
 
     if vmapped:
         return jax.vmap(one)(params, *window)
-    if window[0].shape[0] == 1:
-        return one(jax.tree.map(lambda x: x[0], params), *(w[0] for w in window))[None]
-    return jax.lax.map(lambda x: one(*x), (params, *window))
+    M = window[0].shape[0]
+    if M < 2:
+        raise ValueError("native_policy: stack one candidate twice (see _NativeDT) and pass n=1")
+    xs = (params, *window)
+    out = jax.eval_shape(lambda x: one(*x), jax.tree.map(lambda x: x[0], xs))
+
+    def body(i, acc):
+        x = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
+        return jax.lax.dynamic_update_index_in_dim(acc, one(*x), i, 0)
+
+    return jax.lax.fori_loop(0, M if n is None else n, body, jnp.zeros((M,) + out.shape, out.dtype))
 
 
 class _NativeDT:
@@ -305,6 +406,10 @@ class _NativeDT:
         self.mean, self.std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
         self.rtg0, self.scale = stats.target_return / stats.rtg_scale, stats.rtg_scale
         self.cand = np.arange(M)[:, None]
+        # one candidate runs as a stack of two, its copy never computed (`native_policy`)
+        self.pad = M == 1 and not shard
+        if self.pad:
+            self.params = jax.tree.map(lambda x: jnp.concatenate([x, x]), params)
 
     def reset(self, n: int) -> None:
         M, E, cfg = self.M, self.E, self.cfg
@@ -323,7 +428,10 @@ class _NativeDT:
         *window, mask = context_view(self.ctx, t, rows=(cand[..., None], idx[..., None]))
         if self.shard:
             window = jax.device_put(window, self.shard)
-        a = np.asarray(native_policy(self.cfg, bool(self.shard), self.params, window, mask[0], self.tid))
+        if self.pad:
+            window = [np.concatenate([w, w]) for w in window]
+        n = None if self.shard else np.int32(M)
+        a = np.asarray(native_policy(self.cfg, bool(self.shard), self.params, window, mask[0], self.tid, n))[:M]
         self.ctx = context_set_action(self.ctx, t, a, rows=(cand, idx))
         rows = np.nonzero(np.arange(b)[None] < n_live[:, None])
         self.actions[rows[0], idx[rows]] = a[..., :self.task.act_dim][rows]
@@ -333,22 +441,27 @@ class _NativeDT:
         self.rtg = self.rtg - (reward.reshape(self.M, self.E) / self.scale).astype(np.float32)
 
 
-def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
+def _starts(task: envs.Task, episodes: int, seeds: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(qpos, qvel), each (M, E, ...): candidate m's episode starts from reset seed seeds[m]."""
+    once = {s: reset_states(task, episodes, s) for s in dict.fromkeys(seeds)}
+    return tuple(np.stack([once[s][i] for s in seeds]) for i in range(2))
+
+
+def _evaluate_native(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seeds, progress, mesh=None):
     E = episodes
     if shard := sharding.candidate_sharding(mesh, M):  # the policy's candidates split over devices
         params = jax.device_put(params, shard)
     out = envs.run_episodes(envs.NativeBatchEnv(task, M * E), _NativeDT(cfg, params, M, task, tid, stats, E, shard),
-                            starts=tuple(np.tile(x, (M, 1)) for x in reset_states(task, E, seed)),
+                            starts=tuple(x.reshape(M * E, -1) for x in _starts(task, E, seeds)),
                             max_steps=max_steps, progress=progress)
     return out.returns.reshape(M, E), out.lengths.reshape(M, E), out.nan_actions.reshape(M, E)
 
 
-def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seed, progress, mesh=None):
+def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_steps, seeds, progress, mesh=None):
     from mdt_jax.envs.mjx import MjxEnv
 
     env = MjxEnv(task)
     E, K = episodes, cfg.context_len
-    qpos, qvel = reset_states(task, E, seed)
     mean, std = jnp.asarray(stats.state_mean, jnp.float32), jnp.asarray(stats.state_std, jnp.float32)
     pad_s = cfg.state_dim - task.obs_dim
 
@@ -375,19 +488,24 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
         (_, _, _, _, ret, length, nan), _ = jax.lax.scan(body, init, jnp.arange(max_steps))
         return ret, length, nan
 
-    starts = (jnp.asarray(qpos, jnp.float32), jnp.asarray(qvel, jnp.float32))
-    out = sharding.split_rollouts(jax.vmap(episode, in_axes=(0, None)), mesh, params, starts)
+    shared = len(set(seeds)) == 1  # every candidate from the same starts: not copied M times
+    starts = reset_states(task, E, seeds[0]) if shared else _starts(task, E, seeds)
+    starts = tuple(jnp.asarray(x, jnp.float32) for x in starts)
+    out = sharding.split_rollouts(jax.vmap(episode, in_axes=(0, None if shared else 0)), mesh, params, starts,
+                                  per_candidate=not shared)
     if progress is not None:
         progress(int(out[1].sum()))
     return out
 
 
 def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskStats], *, episodes: int = 50,
-             max_steps: int = 1000, seed: int = 0, executor: str = "auto",
+             max_steps: int = 1000, seed: int | Sequence[int] = 0, executor: str = "auto",
              progress: Callable[[int], None] | None = None, mesh=None) -> list[TaskResult]:
     """Evaluate one param set, or M stacked on a leading axis, on every task in `tasks`.
 
-    `stats[task]` gives the normalisation and target. Every candidate sees the same episode starts.
+    `stats[task]` gives the normalisation and target. With one reset `seed`, every candidate sees
+    the same episode starts; with M seeds (one per candidate), candidate m sees seed[m]'s, the
+    starts it gets when evaluated alone on that seed (several seeds' candidates in one call).
     `progress(n)` is called with the number of env steps just taken. Returns one TaskResult per task,
     arrays shaped (M, episodes) (M = 1 for a single param set).
 
@@ -404,6 +522,7 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
     M = _num_candidates(cfg, params)
     stacked = params if M is not None else jax.tree.map(lambda x: jnp.asarray(x)[None], params)
     M = M or 1
+    seeds = _check_seeds(seed, M)
     stacked = jax.tree.map(jnp.asarray, stacked)
     executor = envs.resolve_executor(executor)
     run = _evaluate_native if executor == "native" else _evaluate_mjx
@@ -419,10 +538,23 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
         st = stats[name]
         if np.shape(st.state_mean) != (task.obs_dim,) or np.shape(st.state_std) != (task.obs_dim,):
             raise ValueError(f"stats[{name!r}]: state_mean/state_std must have shape ({task.obs_dim},)")
-        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seed, progress, mesh)
+        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seeds, progress, mesh)
         results.append(TaskResult(name, np.asarray(ret, np.float64), np.asarray(length), np.asarray(nan),
                                   st.target_return))
     return results
+
+
+def _check_seeds(seed, M: int) -> tuple[int, ...]:
+    """One reset seed per candidate, from an int (all the same) or a sequence of M ints."""
+    ok = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
+    if ok(seed):
+        return (int(seed),) * M
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence) and not isinstance(seed, np.ndarray):
+        raise ValueError(f"seed: a non-negative int or one per candidate, got {seed!r}")
+    seeds = tuple(seed)
+    if len(seeds) != M or not all(map(ok, seeds)):
+        raise ValueError(f"seed: {M} non-negative int(s), one per candidate, got {seeds!r}")
+    return tuple(map(int, seeds))
 
 
 class _History:

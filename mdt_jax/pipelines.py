@@ -13,7 +13,10 @@
 
 These functions only merge. The stages below them (`merge_stage`: `run_p1`, `run_p2`, `run_p3`)
 run a pipeline over saved models from a typed `MergeSpec`: they load, merge, save, evaluate
-(`evaluate.Row`s) and cache each step in the workdir, so a killed run resumes.
+(`evaluate.Row`s) and cache each step in the workdir, so a killed run resumes. They are generators
+of their evaluation requests (`evaluate.EvalRequest`), driven by `evaluate.run_lockstep`, so that
+`merge_stages` (and the study, over seeds) puts the same evaluation of several stages into one
+batched call.
 """
 from __future__ import annotations
 
@@ -252,10 +255,16 @@ class MergeResult:
         return {"merge": self.record, "rows": [r.to_dict() if isinstance(r, ev.Row) else r for r in self.rows]}
 
 
-def _rows(workdir: str, key: str, fn) -> list:
-    """`fn()`'s rows once per workdir (fileio.cached_json), as Rows again when reused."""
-    out = fileio.cached_json(os.path.join(workdir, "stages", f"{key}.json"),
-                             lambda: [r.to_dict() for r in fn()])
+def _rows(workdir: str, key: str, request: ev.EvalRequest):
+    """`request`'s rows once per workdir (`workdir/stages/<key>.json`), as Rows again when reused;
+    a generator: an uncached request is yielded to the driver (`evaluate.run_lockstep`), which
+    sends back its rows."""
+    store = fileio.Store(os.path.join(workdir, "stages"), fileio.JSON, what="cached stage")
+    out = store.get(key)
+    if out is None:
+        rows = yield request
+        out = [r.to_dict() for r in rows]
+        store.put(key, out)
     return [_row(d) for d in out]
 
 
@@ -270,6 +279,21 @@ def merge_stage(spec: MergeSpec, workdir: str) -> MergeResult:
     them (and, with `eval_inputs`, the inputs) and write `workdir/merge.json`. Killed, the same call
     resumes: each evaluation is cached in `workdir/stages`, each checkpoint written once; a
     different spec on the same workdir is refused."""
+    return ev.run_lockstep([merge_stage_steps(spec, workdir)])[0]
+
+
+def merge_stages(specs: Sequence[MergeSpec], workdirs: Sequence[str]) -> list[MergeResult]:
+    """`merge_stage` of each (spec, workdir), their evaluations batched: at each step every
+    stage's pending request goes into one `evaluate` call per compatible group (e.g. the same
+    pipeline over several seeds' models). The results are those of the stages run one by one."""
+    if len(specs) != len(workdirs) or len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+        raise ValueError("merge_stages: one distinct workdir per spec")
+    return ev.run_lockstep([merge_stage_steps(s, w) for s, w in zip(specs, workdirs)])
+
+
+def merge_stage_steps(spec: MergeSpec, workdir: str):
+    """`merge_stage` as a generator of its evaluation requests (`evaluate.run_lockstep`); returns
+    the MergeResult."""
     from mdt_jax.fisher_stage import load_fishers
     from mdt_jax.fileio import run_config_guard
 
@@ -290,7 +314,7 @@ def merge_stage(spec: MergeSpec, workdir: str) -> MergeResult:
               "coefficients": {k: (np.asarray(v).tolist()) for k, v in coeffs.items()}}
     os.makedirs(workdir, exist_ok=True)
     run = run_p1 if spec.pipeline == "p1" else run_p2 if spec.pipeline == "p2" else run_p3
-    rows = run(spec, loaded, workdir, record, fishers=fishers, grams=grams, subset=subset, coeffs=coeffs)
+    rows = yield from run(spec, loaded, workdir, record, fishers=fishers, grams=grams, subset=subset, coeffs=coeffs)
     result = MergeResult(rows, record)
     fileio.write_json_atomic(os.path.join(workdir, "merge.json"), result.to_json())
     return result
@@ -310,11 +334,11 @@ def run_p1(spec: MergeSpec, loaded, workdir: str, record: dict, *, fishers, gram
     rows = []
     for m, name, params in zip(loaded, names, merged):
         out = checkpoint.save_once(os.path.join(workdir, f"merged_{name}"), params, m, m.metadata | {"merge": record})
-        rows += _rows(workdir, f"eval_p1_{name}", lambda: ev.evaluate_model(
-            m, params, spec.eval, seed=spec.seed, label=f"p1_{spec.method}[{name}]", checkpoint=out))
+        rows += yield from _rows(workdir, f"eval_p1_{name}", ev.EvalRequest(
+            m, params, spec.eval, spec.seed, f"p1_{spec.method}[{name}]", checkpoint=out))
         if spec.eval_inputs:
-            rows += _rows(workdir, f"eval_unmerged_{name}", lambda: ev.evaluate_model(
-                m, m.params, spec.eval, seed=spec.seed, label=f"unmerged[{name}]"))
+            rows += yield from _rows(workdir, f"eval_unmerged_{name}", ev.EvalRequest(
+                m, m.params, spec.eval, spec.seed, f"unmerged[{name}]"))
     return rows
 
 
@@ -351,18 +375,18 @@ def run_p2(spec: MergeSpec, loaded, workdir: str, record: dict, *, fishers, gram
     rows = []
     meta_out = {k: first.metadata[k] for k in ("tasks",) if k in first.metadata}
     if spec.method == "emr":  # one unified trunk task vector; task t runs base + lambda_t M_t tau_uni
-        rows += _run_emr(spec, workdir, first, order, record, subset)
+        rows += _run_emr(spec, workdir, first, order, record, subset)  # each task its own model: not batched
         merged = None
     else:
         merged = p2_merge(cfg, order, spec.method, fishers, grams=grams, subset=subset, **coeffs)
         record["merged_fraction"] = M.merged_fraction(merged, subset)
         out = checkpoint.save_once(os.path.join(workdir, "merged"), merged, first,
                                    meta_out | {"kind": "multi_task_merged", "merge": record})
-        rows += _rows(workdir, "eval_p2", lambda: ev.evaluate_model(
-            first, merged, spec.eval, seed=spec.seed, label=f"p2_{spec.method}", checkpoint=out))
+        rows += yield from _rows(workdir, "eval_p2", ev.EvalRequest(
+            first, merged, spec.eval, spec.seed, f"p2_{spec.method}", checkpoint=out))
     for t, p in zip(cfg.task_names, order if spec.eval_inputs else ()):
-        rows += _rows(workdir, f"eval_finetune_{t}", lambda: ev.evaluate_model(
-            first, p, spec.eval, seed=spec.seed, label=f"finetune_{t}"))
+        rows += yield from _rows(workdir, f"eval_finetune_{t}", ev.EvalRequest(
+            first, p, spec.eval, spec.seed, f"finetune_{t}"))
     if merged_out is not None:
         merged_out += [first, order, merged, meta_out | {"kind": "multi_task_merged"}]
     return rows
@@ -399,26 +423,25 @@ def run_p3(spec: MergeSpec, loaded, workdir: str, record: dict, *, fishers, gram
     (`spec.select_seed`; -1: the reported ones, optimistic), reported on `spec.seed`'s, and saved
     as `workdir/p3_<grid>_best`."""
     parts: list = []
-    rows = run_p2(spec, loaded, workdir, record, fishers=fishers, grams=grams, subset=subset, coeffs=coeffs,
-                  merged_out=parts)
+    rows = yield from run_p2(spec, loaded, workdir, record, fishers=fishers, grams=grams, subset=subset,
+                             coeffs=coeffs, merged_out=parts)
     first, order, merged, meta_out = parts
     cfg = first.cfg
     pre = _base(spec, cfg)
     if spec.eval_inputs:
-        rows += _rows(workdir, "eval_pre", lambda: ev.evaluate_model(first, pre, spec.eval, seed=spec.seed,
-                                                                      label="pre"))
+        rows += yield from _rows(workdir, "eval_pre", ev.EvalRequest(first, pre, spec.eval, spec.seed, "pre"))
     grids = p3_candidates(cfg, pre, order, merged, lerp_ps=spec.lerp_ps, ta_lams=spec.ta_lams, ties_ks=spec.ties_ks,
                           ties_lams=spec.ties_lams, dare_ps=spec.dare_ps, rng=jax.random.key(spec.seed),
                           subset=subset)
     record["p3_best"] = {}
     for name, (cands, grid) in grids.items():
-        grid_rows = _rows(workdir, f"eval_p3_{name}", lambda: ev.evaluate_model(
-            first, cands, spec.eval, seed=spec.seed, label=f"p3_{name}", stacked_coeffs=grid))
+        grid_rows = yield from _rows(workdir, f"eval_p3_{name}", ev.EvalRequest(
+            first, cands, spec.eval, spec.seed, f"p3_{name}", stacked_coeffs=grid))
         rows += grid_rows
         chosen_on = grid_rows
         if spec.select_seed >= 0:  # choose on held-out selection episodes, report on spec.seed's
-            chosen_on = _rows(workdir, f"select_p3_{name}", lambda: ev.evaluate_model(
-                first, cands, spec.eval, seed=spec.select_seed, label=f"p3_{name}", stacked_coeffs=grid))
+            chosen_on = yield from _rows(workdir, f"select_p3_{name}", ev.EvalRequest(
+                first, cands, spec.eval, spec.select_seed, f"p3_{name}", stacked_coeffs=grid))
         means = [np.mean([r.summary["normalized"] for r in chosen_on if r.coefficients == c]) for c in grid]
         best = int(np.argmax(means))
         report = np.mean([r.summary["normalized"] for r in grid_rows if r.coefficients == grid[best]])

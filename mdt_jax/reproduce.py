@@ -53,8 +53,8 @@ import time
 import numpy as np
 
 from mdt_jax import checkpoint, envs, evaluate as ev
-from mdt_jax.fileio import cached_json, write_file_atomic, write_json_atomic
-from mdt_jax.pipelines import merge_stage
+from mdt_jax.fileio import JSON, Store, cached_json, write_file_atomic, write_json_atomic
+from mdt_jax.pipelines import merge_stage_steps
 from mdt_jax.results import (BOOTSTRAP, P1_SUBSETS, SETS, claims, interval_table, pool_rows,  # noqa: F401
                              results_markdown, write_figures)
 from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_run_spec
@@ -328,14 +328,14 @@ def _search(config, workdir: str, mt: str, fts: list[str], seed: int, select_see
             if r["model"].startswith("search_")]
 
 
-def _merge(config, workdir: str, seed: int, **fields) -> list[dict]:
-    """`pipelines.merge_stage` of `config.merge` (typed once) with `fields` over it; its rows (cached
-    in merge.json)."""
+def _merge(config, workdir: str, seed: int, **fields):
+    """`pipelines.merge_stage` of `config.merge` (typed once) with `fields` over it, as a generator
+    of its evaluation requests (`merge_stage_steps`); returns its rows (cached in merge.json)."""
     path = os.path.join(workdir, "merge.json")
     if not os.path.exists(path):
         _log(f"merge {os.path.basename(workdir)}")
         spec = merge_spec(config.merge, seed=seed, eval=_own_task_eval(config), **fields)
-        merge_stage(spec, workdir)
+        yield from merge_stage_steps(spec, workdir)
     with open(path) as f:
         return json.load(f)["rows"]
 
@@ -391,6 +391,12 @@ def pretrain(config, workdir: str, tasks: list[str]) -> str:
 def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed: int,
              pretrained: str = "") -> list[dict]:
     """Every stage of one seed; rows in the results schema (one per model x method x task)."""
+    return ev.run_lockstep([seed_stages(config, workdir, tasks, data, seed, pretrained)])[0]
+
+
+def seed_stages(config, workdir: str, tasks: list[str], data: dict[str, str], seed: int, pretrained: str = ""):
+    """`run_seed` as a generator of its evaluation requests (`evaluate.run_lockstep`), so that
+    several seeds' stages run side by side with their evaluations batched; returns the rows."""
     sdir = os.path.join(workdir, f"seed_{seed}")
     rows: list[dict] = []
     singles = _single_runs(config, sdir, tasks, data, seed, pretrained)
@@ -402,9 +408,12 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                            [data[t] for t in tasks], seed)
         variants = [("average", "attn,mlp"), ("fisher", "attn,mlp")] + ([("average", "blocks")] if name == "common"
                                                                           else [])
-        merged = [_merge(config, os.path.join(sdir, f"p1_{name}_{method}_{subset.replace(',', '+')}"), seed,
-                         pipeline="p1", method=method, subset=subset, checkpoints=tuple(models[name]),
-                         fishers=tuple(fishers), eval_inputs=k == 0) for k, (method, subset) in enumerate(variants)]
+        merged = []
+        for k, (method, subset) in enumerate(variants):
+            merged.append((yield from _merge(
+                config, os.path.join(sdir, f"p1_{name}_{method}_{subset.replace(',', '+')}"), seed, pipeline="p1",
+                method=method, subset=subset, checkpoints=tuple(models[name]), fishers=tuple(fishers),
+                eval_inputs=k == 0)))
         finetune = name == "common" and config.p1_finetune.num_steps
         if finetune:  # the seed's P1 finetunes (every method and task) as one group
             _train_grouped(config, workdir, f"p1ft_{seed}", [
@@ -420,20 +429,20 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
                     rows += _tag([r], seed, pipeline="p1", model=f"dt_{name}", method=method,
                                  subset=P1_SUBSETS[subset])
                     if finetune and subset == "attn,mlp":
-                        rows += _p1_finetune(config, sdir, r, method, data, seed)
+                        rows += yield from _p1_finetune(config, sdir, r, method, data, seed)
     # beyond the paper: RegMean of the P1 attn+mlp (each model's Grams on its own data)
     for name in [n for n in ("common", "independent") if n in sets]:
         grams = [_gram(config, os.path.join(sdir, f"gram_{name}_{t}"), m, data[t], seed)
                  for t, m in zip(tasks, models[name])]
-        for r in _merge(config, os.path.join(sdir, f"p1_{name}_regmean_attn+mlp"), seed, pipeline="p1",
-                        method="regmean", subset="attn,mlp", checkpoints=tuple(models[name]),
-                        grams=tuple(grams), eval_inputs=False):
+        for r in (yield from _merge(config, os.path.join(sdir, f"p1_{name}_regmean_attn+mlp"), seed, pipeline="p1",
+                                    method="regmean", subset="attn,mlp", checkpoints=tuple(models[name]),
+                                    grams=tuple(grams), eval_inputs=False)):
             rows += _tag([r], seed, pipeline="beyond", model=f"dt_{name}", method="regmean", subset="attn+mlp")
     # beyond the paper: the independent inits permutation-aligned (weight matching) before averaging
     if "independent" in sets:
-        for r in _merge(config, os.path.join(sdir, "p1_independent_aligned_average_attn+mlp"), seed, pipeline="p1",
-                        method="average", subset="attn,mlp", checkpoints=tuple(models["independent"]),
-                        align=True, eval_inputs=False):
+        for r in (yield from _merge(config, os.path.join(sdir, "p1_independent_aligned_average_attn+mlp"), seed,
+                                    pipeline="p1", method="average", subset="attn,mlp",
+                                    checkpoints=tuple(models["independent"]), align=True, eval_inputs=False)):
             rows += _tag([r], seed, pipeline="beyond", model="dt_independent", method="aligned_average",
                          subset="attn+mlp")
     # the multi-task DT, its finetunes, P2 and P3
@@ -443,8 +452,8 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
     ft_fishers = _fishers(config, [os.path.join(sdir, f"fisher_ft_{t}") for t in tasks], fts, [data[t] for t in tasks],
                           seed, spec_info=True)
     select_seed = select_seeds(config, seed)
-    p3_rows = _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
-                     checkpoints=tuple(fts), eval_inputs=True, select_seed=select_seed)
+    p3_rows = yield from _merge(config, os.path.join(sdir, "p3"), seed, pipeline="p3", method="average", base=mt,
+                                checkpoints=tuple(fts), eval_inputs=True, select_seed=select_seed)
     with open(os.path.join(sdir, "p3", "merge.json")) as f:
         p3_best = json.load(f)["merge"].get("p3_best", {})
     for name, b in p3_best.items():  # each grid's best, chosen on the selection episodes, reported on these
@@ -464,12 +473,12 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
             rows += _tag([r], seed, pipeline="p2", model="mt_finetunes", method=m[3:])
         else:
             rows += _tag([r], seed, pipeline="p3", model="mt_finetunes", method=m[3:])
-    for r in _merge(config, os.path.join(sdir, "p2_fisher"), seed, pipeline="p2", method="fisher",
-                    checkpoints=tuple(fts), fishers=tuple(ft_fishers), eval_inputs=False):
+    for r in (yield from _merge(config, os.path.join(sdir, "p2_fisher"), seed, pipeline="p2", method="fisher",
+                                checkpoints=tuple(fts), fishers=tuple(ft_fishers), eval_inputs=False)):
         rows += _tag([r], seed, pipeline="p2", model="mt_finetunes", method="fisher")
     # beyond the paper: EMR (a unified task vector, a mask and a rescaler per task) on the P2 finetunes
-    for r in _merge(config, os.path.join(sdir, "p2_emr"), seed, pipeline="p2", method="emr", base=mt,
-                    checkpoints=tuple(fts), eval_inputs=False):
+    for r in (yield from _merge(config, os.path.join(sdir, "p2_emr"), seed, pipeline="p2", method="emr", base=mt,
+                                checkpoints=tuple(fts), eval_inputs=False)):
         rows += _tag([r], seed, pipeline="beyond", model="mt_finetunes", method="emr")
     # beyond the paper: per-block lerp coefficients between the multi-task DT and the P2 average, by
     # CMA-ES on closed-loop return (selection episodes), the best reported on the report episodes
@@ -481,6 +490,26 @@ def run_seed(config, workdir: str, tasks: list[str], data: dict[str, str], seed:
         tasks, episodes=config.eval.episodes, max_steps=config.eval.max_steps, seed=seed)), seed,
         pipeline="baseline", model="random", method="uniform")
     return rows
+
+
+def seed_rows(config, workdir: str, tasks: list[str], data: dict[str, str], seeds: list[int],
+              pretrained: str = "", together: bool | None = None) -> list[dict]:
+    """Every seed's rows, in seed order, each seed's cached in WORKDIR/seed_<s>/stages/rows.json.
+
+    With grouping on (`config.group.mode` not "off"), the seeds not yet done run side by side
+    (`seed_stages` under `evaluate.run_lockstep`): each seed's stages in order, the same stage of
+    every seed evaluated in one call per compatible group. On the native executor that changes no
+    result (a candidate's rows are bitwise those it gets alone), so a resumed study, however its
+    seeds were interrupted, ends as an uninterrupted one. With grouping off, one seed after the
+    other, each alone. `together` overrides that choice."""
+    stores = {s: Store(os.path.join(workdir, f"seed_{s}", "stages"), JSON, what="cached stage") for s in seeds}
+    todo = [s for s in seeds if "rows" not in stores[s]]
+    together = (_group_mode(config) != "off" if together is None else together) and len(todo) > 1
+    for group in ([todo] if together else [[s] for s in todo]):
+        _log(f"seed{'s' * (len(group) > 1)} {', '.join(map(str, group))}")
+        ev.run_lockstep([seed_stages(config, workdir, tasks, data, s, pretrained) for s in group],
+                        on_done=lambda i, rows: stores[group[i]].put("rows", rows))
+    return [r for s in seeds for r in stores[s].get("rows")]
 
 
 def _unmerged(row: dict) -> bool:
@@ -499,13 +528,16 @@ def _p1_finetune_run(config, sdir: str, row: dict, method: str, data: dict, seed
         num_steps=config.p1_finetune.num_steps, train={"freeze": ",".join(P1_FREEZE)})
 
 
-def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: int) -> list[dict]:
-    """The P1 finetune of `row` (trained here unless its group trained it), evaluated on its task."""
+def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: int):
+    """The P1 finetune of `row` (trained here unless its group trained it), evaluated on its task
+    (a generator of that request); returns its rows."""
     wd, fields = _p1_finetune_run(config, sdir, row, method, data, seed)
-    model = _train(config, wd, **fields)
-    m = checkpoint.load(model)
-    out = cached_json(os.path.join(wd, "stages", "eval.json"), lambda: [
-        r.to_dict() for r in ev.evaluate_model(m, m.params, _own_task_eval(config), seed=seed, label="dt_common")])
+    store = Store(os.path.join(wd, "stages"), JSON, what="cached stage")
+    out = store.get("eval")
+    if out is None:
+        m = checkpoint.load(_train(config, wd, **fields))
+        out = [r.to_dict() for r in (yield ev.EvalRequest(m, m.params, _own_task_eval(config), seed, "dt_common"))]
+        store.put("eval", out)
     return _tag(out, seed, pipeline="p1", model="dt_common", method=f"{method}+finetune", subset="attn+mlp")
 
 
@@ -542,11 +574,7 @@ def reproduce(config, workdir: str) -> str:
                                   seed=config.data.seed + i, num_envs=config.data.num_envs)
     pretrained = pretrain(config, workdir, tasks)
     train_groups(config, workdir, tasks, data, seeds, pretrained)
-    per_seed = []
-    for s in seeds:
-        _log(f"seed {s}")
-        per_seed += cached_json(os.path.join(workdir, f"seed_{s}", "stages", "rows.json"),
-                           lambda: run_seed(config, workdir, tasks, data, s, pretrained))
+    per_seed = seed_rows(config, workdir, tasks, data, seeds, pretrained)
     rows = pool_rows(per_seed)
     BOOTSTRAP["reps"] = int(config.get("bootstrap_reps", 2000))
     claim = claims(rows, tasks, config.claims_min_effect)

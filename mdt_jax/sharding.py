@@ -132,8 +132,9 @@ def candidate_sharding(mesh: Mesh | None, num_candidates: int) -> NamedSharding 
     return NamedSharding(mesh, P(AXIS))
 
 
-def split_rollouts(fn: Callable, mesh: Mesh | None, params: Any, starts: Any) -> Any:
-    """`fn(params (M, ...), starts (E, ...)) -> outputs (M, E, ...)`, jitted, on host as numpy.
+def split_rollouts(fn: Callable, mesh: Mesh | None, params: Any, starts: Any, per_candidate: bool = False) -> Any:
+    """`fn(params (M, ...), starts (E, ...)) -> outputs (M, E, ...)`, jitted, on host as numpy;
+    with `per_candidate`, starts are (M, E, ...): each candidate's own.
 
     With a mesh, the M candidates are split across devices when they divide it; otherwise the E
     episodes are (padded to a multiple of the mesh size with copies of the last, dropped after).
@@ -141,11 +142,15 @@ def split_rollouts(fn: Callable, mesh: Mesh | None, params: Any, starts: Any) ->
     """
     if mesh is None:
         return to_host(jax.jit(fn)(params, starts))
-    E, n = jax.tree.leaves(starts)[0].shape[0], mesh.size
+    ax = int(per_candidate)  # the episode axis of starts
+    E, n = jax.tree.leaves(starts)[0].shape[ax], mesh.size
     by_candidate = jax.tree.leaves(params)[0].shape[0] % n == 0
     if not by_candidate:
-        starts = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], -E % n, 0)]), starts)
-    p_spec, s_spec, o_spec = (P(AXIS), P(), P(AXIS)) if by_candidate else (P(), P(AXIS), P(None, AXIS))
+        last = lambda x: jax.lax.slice_in_dim(x, E - 1, E, axis=ax)
+        starts = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(last(x), -E % n, ax)], ax), starts)
+    ep = P(None, AXIS) if per_candidate else P(AXIS)
+    p_spec, s_spec, o_spec = ((P(AXIS), P(AXIS) if per_candidate else P(), P(AXIS)) if by_candidate
+                              else (P(), ep, P(None, AXIS)))
     f = jax.shard_map(fn, mesh=mesh, in_specs=(p_spec, s_spec), out_specs=o_spec, check_vma=False)
     out = to_host(jax.jit(f)(put(params, mesh, p_spec), put(starts, mesh, s_spec)))
     return jax.tree.map(lambda x: x[:, :E], out)

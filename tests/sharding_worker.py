@@ -40,18 +40,19 @@ def _stats():
     return {"hopper": ev.TaskStats(np.zeros(11, np.float32), np.ones(11, np.float32), 3600.0)}
 
 
-def _toy_rollouts(params, starts):
-    """(M candidates, E episodes) returns of the DT policy in a toy linear env: the shape of the
-    mjx executor's program (a lax.scan of policy steps, vmapped over candidates), compiled in a
-    fraction of its time."""
-    def one(p):
-        def body(carry, t):
-            ctx, s = carry
-            a, ctx = ev.policy_step(CFG, p, ctx, t, s, jnp.ones(s.shape[0]))
-            return (ctx, 0.9 * s + jnp.pad(a, ((0, 0), (0, 8)))), jnp.sum(a, -1)
-        ctx = ev.Context.zeros(starts.shape[0], CFG.context_len, CFG.state_dim, CFG.act_dim)
-        return jnp.sum(jax.lax.scan(body, (ctx, starts), jnp.arange(8))[1], 0)
-    return jax.vmap(one)(params)
+def _toy_one(p, starts):
+    """(E,) returns of one candidate's DT policy in a toy linear env from starts (E, S): the shape
+    of the mjx executor's program (a lax.scan of policy steps), compiled in a fraction of its time."""
+    def body(carry, t):
+        ctx, s = carry
+        a, ctx = ev.policy_step(CFG, p, ctx, t, s, jnp.ones(s.shape[0]))
+        return (ctx, 0.9 * s + jnp.pad(a, ((0, 0), (0, 8)))), jnp.sum(a, -1)
+    ctx = ev.Context.zeros(starts.shape[0], CFG.context_len, CFG.state_dim, CFG.act_dim)
+    return jnp.sum(jax.lax.scan(body, (ctx, starts), jnp.arange(8))[1], 0)
+
+
+_toy_rollouts = jax.vmap(_toy_one, in_axes=(0, None))  # every candidate from the same starts
+_toy_rollouts_own = jax.vmap(_toy_one)  # candidate m from its own starts[m]
 
 
 def runs(mesh) -> dict:
@@ -76,8 +77,11 @@ def runs(mesh) -> dict:
                         mesh=mesh)[0]
         out |= {"eval_native/returns": r.returns, "eval_native/lengths": r.lengths}
     starts = jax.random.normal(jax.random.key(4), (3, CFG.state_dim))
+    own = jax.random.normal(jax.random.key(5), (8, 3, CFG.state_dim))
     for m in (8, 2):
         out[f"rollouts_{m}"] = sharding.split_rollouts(_toy_rollouts, mesh, _candidates(m), starts)
+        out[f"rollouts_own_{m}"] = sharding.split_rollouts(_toy_rollouts_own, mesh, _candidates(m), own[:m],
+                                                           per_candidate=True)
     return jax.tree.map(np.asarray, out)
 
 

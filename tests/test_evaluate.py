@@ -193,3 +193,45 @@ def test_same_seed_same_returns_other_seed_differs():
     np.testing.assert_array_equal(a.returns, b.returns)
     np.testing.assert_array_equal(a.lengths, b.lengths)
     assert not np.array_equal(a.returns, c.returns)
+
+
+def test_candidates_on_their_own_seeds_in_one_call_equal_each_alone_bitwise():
+    """Several seeds' candidates in one call (seed per candidate): each candidate's returns and
+    lengths are bitwise those it gets alone on its seed, whatever it is stacked with (a stack of
+    one included), so batching across seeds changes no result."""
+    cfg, p = hopper_model()
+    p2 = init_params(cfg, jax.random.key(7))
+    st = {"hopper": stats()}
+    stack = lambda *ps: jax.tree.map(lambda *x: jnp.stack(x), *ps)
+    res = ev.evaluate(cfg, stack(p, p2, p), ["hopper"], st, episodes=4, max_steps=150, seed=[3, 1, 2])[0]
+    assert len(set(res.lengths.ravel().tolist())) > 2  # episodes end at different steps: buckets shrink
+    for m, (q, s) in enumerate([(p, 3), (p2, 1), (p, 2)]):
+        alone = ev.evaluate(cfg, q, ["hopper"], st, episodes=4, max_steps=150, seed=s)[0]
+        np.testing.assert_array_equal(res.returns[m], alone.returns[0])
+        np.testing.assert_array_equal(res.lengths[m], alone.lengths[0])
+    pair = ev.evaluate(cfg, stack(p2, p), ["hopper"], st, episodes=4, max_steps=150, seed=[5, 2])[0]
+    np.testing.assert_array_equal(pair.returns[1], res.returns[2])
+    for bad in ([1, 2], [1, -1, 2], "0", [0.5, 1, 2], True):
+        with pytest.raises(ValueError, match="seed"):
+            ev.evaluate(cfg, stack(p, p2, p), ["hopper"], st, episodes=2, max_steps=5, seed=bad)
+
+
+def test_run_lockstep_groups_compatible_requests_and_returns_each_stages_value(tmp_path):
+    cfg, p = hopper_model()
+    meta = {"task": "hopper", "stats": {"hopper": {"state_mean": [0.0] * 11, "state_std": [1.0] * 11}}}
+    model = checkpoint.load(checkpoint.save(tmp_path / "m", p, cfg, meta))
+    spec = ev.EvalSpec(episodes=2, max_steps=20, own_task=True)
+
+    def stage(seed, n):
+        got = []
+        for k in range(n):
+            rows = yield ev.EvalRequest(model, p, spec, seed, f"s{seed}_{k}")
+            got.append(rows[0].summary["return_mean"])
+        return got
+
+    done = []
+    out = ev.run_lockstep([stage(0, 2), stage(1, 1), stage(0, 0)], on_done=lambda i, v: done.append(i))
+    alone = ev.evaluate_model(model, p, spec, seed=1, label="x")[0].summary["return_mean"]
+    assert out[1] == [alone] and out[0][0] == out[0][1] and out[2] == [] and sorted(done) == [0, 1, 2]
+    with pytest.raises(TypeError, match="EvalRequest"):
+        ev.run_lockstep([(x for x in [1])])

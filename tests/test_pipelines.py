@@ -131,3 +131,45 @@ def test_merge_bad_config(tmp_path, override, needle):
     with pytest.raises(ValueError, match=needle):
         merge_from_config(config, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_stages_batch_seeds_and_equal_each_stage_alone(tmp_path):
+    """Two seeds' P3 stages run side by side (`merge_stages`): every evaluation of both goes into
+    one call per compatible group, fewer calls than the stages alone make, and each stage's
+    merge.json is bitwise the one it writes alone."""
+    from mdt_jax import evaluate as ev
+
+    cfg = DTConfig.multi_task(TASKS, **SMALL)
+    specs, alone, together = [], [], []
+    for s in (0, 1):  # each seed its own multi-task model and finetunes
+        pre = init_params(cfg, jax.random.key(10 + s))
+        base = _save_multi(tmp_path, cfg, pre, name=f"mt{s}")
+        fts = [_save_multi(tmp_path, cfg, perturbed(pre, 3 * s + i + 1), t, f"ft{s}_{t}")
+               for i, (t, _, _) in enumerate(TASKS)]
+        specs.append(P.MergeSpec(pipeline="p3", checkpoints=tuple(fts), base=base, seed=s, select_seed=1000 + s,
+                                 eval=ev.EvalSpec(episodes=2, max_steps=40), lerp_ps=(0.0, 1.0), ta_lams=(1.0,),
+                                 ties_ks=(0.5,), ties_lams=(1.0,), dare_ps=(0.3,), eval_inputs=True))
+        alone.append(str(tmp_path / f"alone{s}"))
+        together.append(str(tmp_path / f"together{s}"))
+    calls = []
+    real = ev.evaluate
+
+    def counted(*a, **k):  # the real evaluator, its calls counted
+        calls.append(np.size(k["seed"]))
+        return real(*a, **k)
+
+    ev.evaluate = counted
+    try:
+        for s, w in zip(specs, alone):
+            P.merge_stage(s, w)
+        n_alone = len(calls)
+        calls.clear()
+        P.merge_stages(specs, together)
+    finally:
+        ev.evaluate = real
+    assert len(calls) < n_alone and max(calls) > 1, (len(calls), n_alone, calls)
+    for a, t in zip(alone, together):
+        ja, jt = (json.loads(open(os.path.join(d, "merge.json")).read().replace(d, "<w>")) for d in (a, t))
+        assert ja == jt
+    with pytest.raises(ValueError, match="one distinct workdir"):
+        P.merge_stages(specs, [together[0]] * 2)

@@ -79,10 +79,11 @@ def test_evaluation_with_candidates_split_matches_one_device(one_and_eight):
 
 
 @pytest.mark.parametrize("candidates", [8, 2])  # 8: split by candidate; 2: by episode (3, padded to 8)
-def test_rollouts_split_by_candidate_or_episode_match_one_device(one_and_eight, candidates):
+@pytest.mark.parametrize("starts", ["", "own_"])  # shared starts, or each candidate its own (seeds batched)
+def test_rollouts_split_by_candidate_or_episode_match_one_device(one_and_eight, candidates, starts):
     one, eight = one_and_eight
-    assert eight[f"rollouts_{candidates}"].shape == (candidates, 3)
-    _close(one, eight, f"rollouts_{candidates}", rtol=1e-5)
+    assert eight[f"rollouts_{starts}{candidates}"].shape == (candidates, 3)
+    _close(one, eight, f"rollouts_{starts}{candidates}", rtol=1e-5)
 
 
 def test_one_device_mesh_choice_and_errors():
