@@ -362,43 +362,46 @@ def bucket(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def native_policy(cfg, vmapped, params, window, mask, task_id, n=None):
-    """Actions (M, b, A) of the first `n` of M candidates for their windows (M, b, K, ...)
-    (oldest-first, as `context_view` gives them) and the shared mask (b, K); rows past `n` are
-    zeros. `n` (traced; default M) lets a stack padded to two hold one candidate.
+def native_policy(cfg, vmapped, params, window, mask, task_id, n=None, order=None):
+    """Actions (W, b, A) for windows (W, b, K, ...) (oldest-first, as `context_view` gives them)
+    and the shared mask (b, K): row i is candidate `order[i]`'s (default i) for i < `n` (default
+    W), zeros past it. `n` and `order` are traced, so the candidates that still have live episodes
+    run, first, without a new compilation; a stack of one is padded to two (`_NativeDT`).
 
-    One candidate at a time, in a loop whose trip count XLA cannot see (`n` is an argument), over
-    stacks of at least two: XLA:CPU runs vmap's batched (M, rows, in) x (M, in, out) dots ~1.5x
-    slower than the 2-D ones, and this way a candidate's actions are bitwise the same whatever it
-    is stacked with (a known trip count, or a stack of one, lets XLA simplify the loop and its
-    indexing into a differently fused program, which differs in the last bits). So several seeds'
-    candidates share one call and each gets what it gets alone. `vmapped` (candidates sharded over
-    devices) keeps the vmap so that the candidate axis stays split.
+    One candidate at a time, in a loop whose trip count and indices XLA cannot see, over stacks of
+    at least two: XLA:CPU runs vmap's batched (M, rows, in) x (M, in, out) dots ~1.5x slower than
+    the 2-D ones, and this way a candidate's actions are bitwise the same whatever it is stacked
+    with (a known trip count, or a stack of one, lets XLA simplify the loop and its indexing into a
+    differently fused program, which differs in the last bits). So several seeds' candidates share
+    one call and each gets what it gets alone. `vmapped` (candidates sharded over devices) keeps
+    the vmap so that the candidate axis stays split.
     """
     def one(p, s, a, r, tt):
         return apply(cfg, p, s, a, r, tt, mask, task_id, outputs="last")
 
     if vmapped:
         return jax.vmap(one)(params, *window)
-    M = window[0].shape[0]
-    if M < 2:
+    W = window[0].shape[0]
+    if W < 2 or jax.tree.leaves(params)[0].shape[0] < 2:
         raise ValueError("native_policy: stack one candidate twice (see _NativeDT) and pass n=1")
-    xs = (params, *window)
-    out = jax.eval_shape(lambda x: one(*x), jax.tree.map(lambda x: x[0], xs))
+    order = jnp.arange(W, dtype=jnp.int32) if order is None else order
+    take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    out = jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], params), *(w[0] for w in window)))
 
     def body(i, acc):
-        x = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs)
-        return jax.lax.dynamic_update_index_in_dim(acc, one(*x), i, 0)
+        y = one(jax.tree.map(lambda x: take(x, order[i]), params), *(take(w, i) for w in window))
+        return jax.lax.dynamic_update_index_in_dim(acc, y, i, 0)
 
-    return jax.lax.fori_loop(0, M if n is None else n, body, jnp.zeros((M,) + out.shape, out.dtype))
+    return jax.lax.fori_loop(0, W if n is None else n, body, jnp.zeros((W,) + out.shape, out.dtype))
 
 
 class _NativeDT:
     """M candidates' DT as an `envs.EpisodePolicy` over M x E env slots (slot m * E + e is
     candidate m's episode e): a host `Context` (M, E) and return-to-go per episode; each step
-    writes every episode's step t, then runs the policy on each candidate's live episodes only,
-    gathered first (padded with finished ones) into a power-of-two bucket so that the shapes (and
-    compilations) stay few as episodes end. A finished episode keeps its last action."""
+    writes every episode's step t, then runs the policy on the candidates that have live episodes
+    (a candidate whose episodes all ended costs nothing more) and, for each, on its live episodes
+    only, gathered first (padded with finished ones) into a power-of-two bucket so that the shapes
+    (and compilations) stay few as episodes end. A finished episode keeps its last action."""
 
     def __init__(self, cfg: DTConfig, params, M: int, task: envs.Task, tid, stats: TaskStats, E: int, shard):
         self.cfg, self.params, self.M, self.E, self.task, self.shard = cfg, params, M, E, task, shard
@@ -407,8 +410,7 @@ class _NativeDT:
         self.rtg0, self.scale = stats.target_return / stats.rtg_scale, stats.rtg_scale
         self.cand = np.arange(M)[:, None]
         # one candidate runs as a stack of two, its copy never computed (`native_policy`)
-        self.pad = M == 1 and not shard
-        if self.pad:
+        if M == 1 and not shard:
             self.params = jax.tree.map(lambda x: jnp.concatenate([x, x]), params)
 
     def reset(self, n: int) -> None:
@@ -425,16 +427,21 @@ class _NativeDT:
         idx = np.argsort(~live, axis=1, kind="stable")[:, :b]  # per candidate: its live episodes first
         self.ctx = context_write(self.ctx, t, (obs.reshape(M, E, -1) - self.mean) / self.std, self.rtg,
                                  self.cfg.max_ep_len)
-        *window, mask = context_view(self.ctx, t, rows=(cand[..., None], idx[..., None]))
-        if self.shard:
-            window = jax.device_put(window, self.shard)
-        if self.pad:
-            window = [np.concatenate([w, w]) for w in window]
-        n = None if self.shard else np.int32(M)
-        a = np.asarray(native_policy(self.cfg, bool(self.shard), self.params, window, mask[0], self.tid, n))[:M]
-        self.ctx = context_set_action(self.ctx, t, a, rows=(cand, idx))
-        rows = np.nonzero(np.arange(b)[None] < n_live[:, None])
-        self.actions[rows[0], idx[rows]] = a[..., :self.task.act_dim][rows]
+        if self.shard:  # every candidate, vmapped over the devices
+            *window, mask = context_view(self.ctx, t, rows=(cand[..., None], idx[..., None]))
+            a = np.asarray(native_policy(self.cfg, True, self.params, jax.device_put(window, self.shard), mask[0],
+                                         self.tid))
+            run = np.arange(M)
+        else:  # the candidates with live episodes first; a stack of one padded to two
+            run = np.flatnonzero(n_live > 0)
+            order = np.concatenate([run, np.flatnonzero(n_live == 0), np.zeros(int(M == 1), np.int64)])
+            *window, mask = context_view(self.ctx, t, rows=(order[:, None, None], idx[order][..., None]))
+            a = np.asarray(native_policy(self.cfg, False, self.params, window, mask[0], self.tid,
+                                         np.int32(len(run)), order.astype(np.int32)))
+        a = a[:len(run)]
+        self.ctx = context_set_action(self.ctx, t, a, rows=(run[:, None], idx[run]))
+        rows = np.nonzero(np.arange(b)[None] < n_live[run][:, None])
+        self.actions[run[rows[0]], idx[run][rows]] = a[..., :self.task.act_dim][rows]
         return self.actions.reshape(M * E, -1)
 
     def observe(self, reward) -> None:

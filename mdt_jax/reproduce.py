@@ -543,9 +543,10 @@ def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: in
 
 # ---------------------------------------------------------------------------------- the entry
 
-def reproduce(config, workdir: str) -> str:
+def reproduce(config, workdir: str, seeds_together: bool | None = None) -> str:
     """Run every stage of `config` under `workdir` (cached); write results.json / .md and figures;
-    return the Markdown table."""
+    return the Markdown table. `seeds_together` overrides whether the seeds' stages run side by
+    side with their evaluations batched (`seed_rows`; it changes no result, only the time)."""
     import jax
 
     from mdt_jax.fileio import run_config_guard
@@ -574,7 +575,7 @@ def reproduce(config, workdir: str) -> str:
                                   seed=config.data.seed + i, num_envs=config.data.num_envs)
     pretrained = pretrain(config, workdir, tasks)
     train_groups(config, workdir, tasks, data, seeds, pretrained)
-    per_seed = seed_rows(config, workdir, tasks, data, seeds, pretrained)
+    per_seed = seed_rows(config, workdir, tasks, data, seeds, pretrained, together=seeds_together)
     rows = pool_rows(per_seed)
     BOOTSTRAP["reps"] = int(config.get("bootstrap_reps", 2000))
     claim = claims(rows, tasks, config.claims_min_effect)
