@@ -2,7 +2,10 @@
 after the other, from the same config, each in a fresh workdir (cold compile cache).
 
     python benchmarks/study_seeds.py --config=configs/quickstart.py --workdir=DIR
-                                     [--modes together,alone] [--json PATH]
+                                     [--modes together,alone] [--json PATH] [-- --config.FIELD=VALUE ...]
+
+Arguments after `--` override the config's fields, as on `launch.reproduce`'s command line (e.g.
+`--config=tests/tiny_study.py -- --config.seeds=0,1 --config.eval.select_seeds=1000,1001`).
 
 Each mode is `mdt_jax.reproduce.reproduce(config, DIR/<mode>, seeds_together=...)` in its own
 process, one after the other: "together" is what `python -m launch.reproduce` does with grouping
@@ -35,11 +38,11 @@ from benchmarks._common import common_keys, common_line  # noqa: E402
 MODES = {"together": True, "alone": False}
 CHILD = ("import sys; from ml_collections import config_flags; from absl import flags; "
          "from mdt_jax import reproduce as R; "
-         "config_flags.DEFINE_config_file('config'); flags.FLAGS(['x', '--config=' + sys.argv[1]]); "
+         "config_flags.DEFINE_config_file('config'); flags.FLAGS(['x', '--config=' + sys.argv[1], *sys.argv[4:]]); "
          "R.reproduce(flags.FLAGS.config, sys.argv[2], seeds_together=sys.argv[3] == 'together')")
 
 
-def run_mode(config: str, workdir: str, mode: str) -> float:
+def run_mode(config: str, workdir: str, mode: str, overrides: list[str] = ()) -> float:
     """Wall seconds of one mode's study (recorded in DIR/<mode>/wall_s.json; reused when done)."""
     out = os.path.join(workdir, mode)
     rec = os.path.join(workdir, f"{mode}_wall_s.json")
@@ -47,7 +50,7 @@ def run_mode(config: str, workdir: str, mode: str) -> float:
         with open(rec) as f:
             return float(json.load(f)["wall_s"])
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD, config, out, mode], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", CHILD, config, out, mode, *overrides], cwd=ROOT, check=True)
     wall = time.perf_counter() - t
     with open(rec, "w") as f:
         json.dump({"wall_s": wall}, f)
@@ -62,18 +65,22 @@ def results_text(workdir: str, mode: str) -> str | None:
         return f.read().replace(os.path.abspath(os.path.join(workdir, mode)), "<workdir>")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--modes", default="together,alone")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if any(not o.startswith("--config.") for o in overrides):
+        ap.error(f"after --: only --config.FIELD=VALUE overrides, got {overrides}")
     modes = a.modes.split(",")
     if not modes or set(modes) - set(MODES):
         ap.error(f"--modes: a comma list of {sorted(MODES)}, got {a.modes!r}")
     os.makedirs(a.workdir, exist_ok=True)
-    wall = {m: run_mode(a.config, a.workdir, m) for m in modes}
+    wall = {m: run_mode(a.config, a.workdir, m, overrides) for m in modes}
     for m in MODES:  # a mode run by an earlier command
         rec = os.path.join(a.workdir, f"{m}_wall_s.json")
         if m not in wall and os.path.exists(rec) and results_text(a.workdir, m) is not None:
@@ -83,7 +90,8 @@ def main():
     identical = None if None in texts.values() else texts["together"] == texts["alone"]
     for m, s in wall.items():
         print(f"{m:9s} {s:8.1f} s wall")
-    out = {"modes": {m: {"wall_s": s} for m, s in wall.items()}, "identical": identical, "config": a.config}
+    out = {"modes": {m: {"wall_s": s} for m, s in wall.items()}, "identical": identical, "config": a.config,
+           "overrides": overrides}
     if "together" in wall:
         out |= common_keys(warm_s=wall["together"], cold_s=wall["together"], peer_s=wall.get("alone"))
         print(common_line(out))

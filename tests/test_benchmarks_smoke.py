@@ -89,3 +89,12 @@ def test_study_flops_scale_with_the_config(monkeypatch, tmp_path):
     SF.main(["--shapes", "quickstart", "--rate", "1", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["minutes_at"]["1"] == pytest.approx(out["total"] / 1e12 / 60)
+
+
+@pytest.mark.parametrize("argv", [["--modes", "together,bogus"], ["--", "--seeds=0,1"]])
+def test_study_seeds_refuses_bad_modes_and_overrides_before_running_anything(tmp_path, argv):
+    from benchmarks import study_seeds as S
+
+    with pytest.raises(SystemExit) as e:
+        S.main(["--config=configs/quickstart.py", f"--workdir={tmp_path / 'w'}", *argv])
+    assert e.value.code == 2 and not (tmp_path / "w").exists()
