@@ -42,17 +42,24 @@ CHILD = ("import sys; from ml_collections import config_flags; from absl import 
          "R.reproduce(flags.FLAGS.config, sys.argv[2], seeds_together=sys.argv[3] == 'together')")
 
 
-def run_mode(config: str, workdir: str, mode: str, overrides: list[str] = ()) -> float:
-    """Wall seconds of one mode's study (recorded in DIR/<mode>/wall_s.json; reused when done)."""
-    out = os.path.join(workdir, mode)
+def recorded(workdir: str, mode: str) -> float | None:
+    """The wall seconds recorded for a finished mode (DIR/<mode>_wall_s.json beside DIR/<mode>/results.json)."""
     rec = os.path.join(workdir, f"{mode}_wall_s.json")
-    if os.path.exists(os.path.join(out, "results.json")) and os.path.exists(rec):
-        with open(rec) as f:
-            return float(json.load(f)["wall_s"])
+    if not (os.path.exists(os.path.join(workdir, mode, "results.json")) and os.path.exists(rec)):
+        return None
+    with open(rec) as f:
+        return float(json.load(f)["wall_s"])
+
+
+def run_mode(config: str, workdir: str, mode: str, overrides: list[str] = ()) -> float:
+    """Wall seconds of one mode's study, run unless `recorded`."""
+    if (wall := recorded(workdir, mode)) is not None:
+        return wall
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD, config, out, mode, *overrides], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", CHILD, config, os.path.join(workdir, mode), mode, *overrides], cwd=ROOT,
+                   check=True)
     wall = time.perf_counter() - t
-    with open(rec, "w") as f:
+    with open(os.path.join(workdir, f"{mode}_wall_s.json"), "w") as f:
         json.dump({"wall_s": wall}, f)
     return wall
 
@@ -82,10 +89,8 @@ def main(argv=None):
     os.makedirs(a.workdir, exist_ok=True)
     wall = {m: run_mode(a.config, a.workdir, m, overrides) for m in modes}
     for m in MODES:  # a mode run by an earlier command
-        rec = os.path.join(a.workdir, f"{m}_wall_s.json")
-        if m not in wall and os.path.exists(rec) and results_text(a.workdir, m) is not None:
-            with open(rec) as f:
-                wall[m] = float(json.load(f)["wall_s"])
+        if m not in wall and (w := recorded(a.workdir, m)) is not None:
+            wall[m] = w
     texts = {m: results_text(a.workdir, m) for m in MODES}
     identical = None if None in texts.values() else texts["together"] == texts["alone"]
     for m, s in wall.items():

@@ -255,17 +255,22 @@ class MergeResult:
         return {"merge": self.record, "rows": [r.to_dict() if isinstance(r, ev.Row) else r for r in self.rows]}
 
 
-def _rows(workdir: str, key: str, request: ev.EvalRequest):
-    """`request`'s rows once per workdir (`workdir/stages/<key>.json`), as Rows again when reused;
-    a generator: an uncached request is yielded to the driver (`evaluate.run_lockstep`), which
-    sends back its rows."""
-    store = fileio.Store(os.path.join(workdir, "stages"), fileio.JSON, what="cached stage")
+def cached_eval(folder: str, key: str, make_request):
+    """The rows (as dicts) of the evaluation `make_request()` builds, computed once and kept at
+    `folder/<key>.json`; a generator: when not cached, the request is yielded to the driver
+    (`evaluate.run_lockstep`), which sends back its rows. `make_request` runs only then."""
+    store = fileio.Store(folder, fileio.JSON, what="cached stage")
     out = store.get(key)
     if out is None:
-        rows = yield request
+        rows = yield make_request()
         out = [r.to_dict() for r in rows]
         store.put(key, out)
-    return [_row(d) for d in out]
+    return out
+
+
+def _rows(workdir: str, key: str, request: ev.EvalRequest):
+    """`request`'s rows once per workdir (`workdir/stages/<key>.json`, `cached_eval`), as Rows."""
+    return [_row(d) for d in (yield from cached_eval(os.path.join(workdir, "stages"), key, lambda: request))]
 
 
 def _row(d: dict) -> ev.Row:

@@ -54,7 +54,7 @@ import numpy as np
 
 from mdt_jax import checkpoint, envs, evaluate as ev
 from mdt_jax.fileio import JSON, Store, cached_json, write_file_atomic, write_json_atomic
-from mdt_jax.pipelines import merge_stage_steps
+from mdt_jax.pipelines import cached_eval, merge_stage_steps
 from mdt_jax.results import (BOOTSTRAP, P1_SUBSETS, SETS, claims, interval_table, pool_rows,  # noqa: F401
                              results_markdown, write_figures)
 from mdt_jax.run import collect_dataset, config_dict, merge_spec, split_list, train_run_spec
@@ -532,12 +532,12 @@ def _p1_finetune(config, sdir: str, row: dict, method: str, data: dict, seed: in
     """The P1 finetune of `row` (trained here unless its group trained it), evaluated on its task
     (a generator of that request); returns its rows."""
     wd, fields = _p1_finetune_run(config, sdir, row, method, data, seed)
-    store = Store(os.path.join(wd, "stages"), JSON, what="cached stage")
-    out = store.get("eval")
-    if out is None:
+
+    def request():
         m = checkpoint.load(_train(config, wd, **fields))
-        out = [r.to_dict() for r in (yield ev.EvalRequest(m, m.params, _own_task_eval(config), seed, "dt_common"))]
-        store.put("eval", out)
+        return ev.EvalRequest(m, m.params, _own_task_eval(config), seed, "dt_common")
+
+    out = yield from cached_eval(os.path.join(wd, "stages"), "eval", request)
     return _tag(out, seed, pipeline="p1", model="dt_common", method=f"{method}+finetune", subset="attn+mlp")
 
 
