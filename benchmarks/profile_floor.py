@@ -2,7 +2,7 @@
 
     python benchmarks/profile_floor.py [--repeats 7] [--steps 20] [--calls 20] [--dot_s 0.05]
                                        [--only train_h128|train_h512|eval_h128] [--json PATH]
-                                       [--hidden H --layers L --batch B --peak_n N]  (toy sizes: tests)
+                                       [--trace] [--hidden H --layers L --batch B --peak_n N]  (toy: tests)
 
 `train_step.py`'s floor puts every FLOP of the step at the 2048^2 `jnp.dot` peak, but a DT's dots
 are small ((B*3K) x H by H x 3H, per-head 3K x 3K attention, ...) and XLA:CPU runs those well
@@ -12,9 +12,10 @@ is counted per shape. For each workload, the exact jitted function the project r
   sampler (K=20, batch 64, dropout 0.1, AdamW, clip 0.25), timed as train_step.py times it: a
   fused `lax.scan` of `--steps` steps (`make_train_chunk`) divided by `--steps`;
 - `eval_h128`: `mdt_jax.evaluate.native_policy` (M=1 candidate, as the evaluation loop calls it:
-  a stack of two, one computed; H128 L3 1 head relu, S=11, A=3, K=20) at b = 8, 16, 32, 64 rows,
-  one blocking call per forward (the mean of `--calls` calls); its dots and FLOPs are those of the
-  one forward its loop runs (the loop's trip count is not static);
+  params stacked twice once and for all, one computed, host windows in and actions read back to
+  the host; H128 L3 1 head relu, S=11, A=3, K=20) at b = 8, 16, 32, 64 rows, one blocking call
+  per forward (the mean of `--calls` calls); its dots and FLOPs are those of the one forward its
+  loop runs (the loop's trip count is not static);
 every `dot_general` of its jaxpr (sub-jaxprs included; a scan body counts its length times) is
 counted by (operand shapes, dtypes, dimension numbers), and each distinct dot is timed alone: a
 jitted `lax.fori_loop` of R of it on random float32 inputs, each repetition adding 1e-20 x the
@@ -28,10 +29,18 @@ independent dots), with a table of the dot shapes that take the most time. The j
 are checked against XLA's FLOPs of the compiled function (XLA counts elementwise FLOPs too, so the
 ratio is below 1 unless XLA dropped or rewrote a dot).
 
-`--json` holds per workload row (`train_h128`, `train_h512`, `eval_h128_b8`, ...) the figures and
-the common keys (`benchmarks/_common.py`: `floor_fraction` is the naive floor's, `speedup` and
-`speedup_vs_batched` null: no peer; training's `warm_s`/`cold_s` are seconds per call of `--steps`
-steps, as in train_step.py).
+With `--trace`, one more timed call of each workload runs under the XLA profiler, and every thunk
+of the compiled program (a fusion or an op; its events carry the HLO instruction's name) is timed
+as it ran, inside the real program rather than alone, and put in the first category whose ops it
+holds (`CATEGORIES`: a fusion holding a dot is a dot; then random bits (the dropout hash, the
+sampler's threefry), transposes and copies, reductions (softmax, layer norms, bias gradients), the
+activation, ...). Printed: the time per category, the sum of all thunks against the call's wall
+time under the trace (the gap is dispatch and host work), and the largest thunks that are not dots.
+
+`--json` holds per workload row (`train_h128`, `train_h512`, `eval_h128_b8`, ...) the figures,
+`trace` (with `--trace`) and the common keys (`benchmarks/_common.py`: `floor_fraction` is the
+naive floor's, `speedup` and `speedup_vs_batched` null: no peer; training's `warm_s`/`cold_s` are
+seconds per call of `--steps` steps, as in train_step.py).
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -169,6 +179,8 @@ class Workload:
     cold_s: float
     run: callable
     per_call: int = 1
+    units: int = 1       # steps or forwards one `run()` executes (a trace's times are divided by it)
+    hlo: str = ""        # the optimised HLO of the executable `run()` calls (names its thunks)
 
 
 def _init(f, abstract: bool):
@@ -209,11 +221,13 @@ def _forward(cfg: DTConfig):
     return lambda params, window, mask: apply(cfg, params, *window, mask, None, outputs="last")
 
 
-def _policy(cfg: DTConfig):
-    """The call the evaluation loop makes for one candidate (`evaluate._NativeDT`)."""
-    two = lambda x: jnp.stack([x, x])
-    return lambda params, window, mask: ev.native_policy(cfg, False, jax.tree.map(two, params),
-                                                         [two(w) for w in window], mask, None, np.int32(1))
+def _policy_args(cfg: DTConfig, params, window, mask) -> tuple:
+    """`native_policy`'s arguments for one candidate as the evaluation loop (`evaluate._NativeDT`)
+    passes them: the params stacked twice once and for all (on the device), the windows and mask
+    as host arrays, one candidate computed (`n` = 1, `order` [0, 0])."""
+    two = lambda x: np.stack([np.asarray(x)] * 2)
+    return (cfg, False, jax.tree.map(lambda x: jnp.stack([x, x]), params), [two(w) for w in window],
+            np.asarray(mask), None, np.int32(1), np.zeros(2, np.int32))
 
 
 def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
@@ -238,15 +252,16 @@ def train_workload(shape: str, steps: int, hidden=None, layers=None, batch=None)
     cfg, step, chunk, state, data = train_parts(shape, hidden, layers, batch)
     jaxpr = jax.make_jaxpr(step)(state, data)
     flops = xla_flops(jax.jit(step).lower(state, data).compile())
+    hlo = chunk.lower(state, data, steps).compile().as_text()  # before the donating first call
     run, cold_s = chunk_timer(chunk, state, data, steps)
-    return Workload(f"train_{shape}", _config(cfg, batch or TS.B), jaxpr, flops, cold_s, run, steps)
+    return Workload(f"train_{shape}", _config(cfg, batch or TS.B), jaxpr, flops, cold_s, run, steps, steps, hlo)
 
 
 def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
     """The forward timed one blocking call at a time (the mean of `calls`), as the loop calls it."""
     cfg, *args = eval_parts(b, hidden, layers)
-    policy = _policy(cfg)
-    call = lambda: jax.block_until_ready(policy(*args))
+    loop_args = _policy_args(cfg, *args)
+    call = lambda: np.asarray(ev.native_policy(*loop_args))  # the loop reads the actions on the host
     t = time.perf_counter()
     call()  # before the lowering below, so that the compilation is this call's
     cold_s = time.perf_counter() - t
@@ -259,7 +274,121 @@ def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
             call()
         return (time.perf_counter() - t) / calls
 
-    return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run)
+    hlo = ev.native_policy.lower(*loop_args).compile().as_text()
+    return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run, 1, calls, hlo)
+
+
+# Categories of a thunk (one fusion or op of the compiled program), in the order they are tested.
+CATEGORIES = ("dot", "random bits", "transpose or copy", "reduce", "activation", "concatenate",
+              "gather, slice or pad", "broadcast", "other elementwise")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+_CONTAINERS = {"while", "conditional", "call"}  # their bodies' thunks are traced one by one
+
+
+def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
+    """{instruction name: Counter of the ops it runs} over an optimised HLO module's text: a fusion
+    counts the ops of the computation it calls (nested fusions included), any other op itself."""
+    comps, instrs, cur = {}, {}, None
+    for line in hlo.splitlines():
+        if m := _HEADER.match(line):
+            cur = comps.setdefault(m.group(1), [])
+        elif (m := _INSTR.match(line)) and cur is not None:
+            name, op, rest = m.groups()
+            called = re.search(r"\bcalls=%?([\w.\-]+)", rest) if op == "fusion" else None
+            cur.append((op, called.group(1) if called else None))
+            instrs[name] = (op, called.group(1) if called else None)
+
+    def ops(op, called, seen=()):
+        if called is None or called in seen:
+            return collections.Counter([op])
+        out = collections.Counter()
+        for o, c in comps.get(called, []):
+            out += ops(o, c, seen + (called,)) if o == "fusion" else collections.Counter([o])
+        return out
+
+    return {name: ops(op, called) for name, (op, called) in instrs.items()}
+
+
+def categorise(ops: collections.Counter) -> str | None:
+    """A thunk's category (CATEGORIES) from its ops; None for a loop or call, whose body's thunks
+    are traced one by one."""
+    has = lambda *names: any(ops.get(n) for n in names)
+    if has(*_CONTAINERS):
+        return None
+    if has("dot", "convolution", "custom-call"):
+        return "dot"
+    if has("xor", "shift-right-logical"):
+        return "random bits"  # dropout's counter hash (`dropout_bits`) or the sampler's threefry
+    if has("transpose", "copy"):
+        return "transpose or copy"
+    if has("reduce", "reduce-window"):
+        return "reduce"
+    if has("tanh", "maximum", "erf"):
+        return "activation"
+    if has("concatenate"):
+        return "concatenate"
+    if has("gather", "scatter", "slice", "dynamic-slice", "dynamic-update-slice", "pad"):
+        return "gather, slice or pad"
+    if set(ops) <= {"broadcast", "parameter", "bitcast", "constant", "reshape"}:
+        return "broadcast"
+    return "other elementwise"
+
+
+def trace_thunks(w: Workload, top: int = 12) -> dict:
+    """One `w.run()` under the XLA profiler: every thunk's time, by category, per step or forward.
+
+    The thunks are read from the trace's XLA CPU threads (their events are named after the HLO
+    instructions of `w.hlo`) and summed by name; `thunk_ms` is their sum, `traced_ms` the call's
+    wall time under the trace (the difference: dispatch and host work, or thunks overlapping on
+    the two threads if negative)."""
+    import tempfile
+
+    ops = hlo_ops(w.hlo)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t = time.perf_counter()
+            w.run()
+            traced = time.perf_counter() - t
+        paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
+        if not paths:
+            raise RuntimeError(f"{w.name}: the profiler wrote no .xplane.pb under {d}")
+        data = jax.profiler.ProfileData.from_file(paths[0])
+    per = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLA" not in line.name or "PjRt" in line.name:  # the compute threads, not the client's
+                continue
+            for ev_ in line.events:
+                if ev_.name in ops:
+                    per[ev_.name] += ev_.duration_ns
+    cats = {c: {"ms": 0.0, "thunks": 0} for c in CATEGORIES}
+    rows = []
+    for name, ns in per.items():
+        c = categorise(ops[name])
+        if c is None:
+            continue
+        ms = ns / 1e6 / w.units
+        cats[c]["ms"] += ms
+        cats[c]["thunks"] += 1
+        rows.append({"thunk": name, "category": c, "ms": ms,
+                     "ops": ",".join(f"{o}" + (f"x{n}" if n > 1 else "") for o, n in ops[name].most_common(6))})
+    if not rows:
+        raise RuntimeError(f"{w.name}: no thunk of the compiled program was found in the trace")
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(c["ms"] for c in cats.values())
+    return {"traced_ms": 1e3 * traced / w.units, "thunk_ms": total, "categories": cats,
+            "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
+
+
+def print_trace(name: str, t: dict) -> None:
+    print(f"  trace of one call: thunks {t['thunk_ms']:.3f} ms of {t['traced_ms']:.3f} ms traced, by category:")
+    for c, v in sorted(t["categories"].items(), key=lambda kv: -kv[1]["ms"]):
+        if v["thunks"]:
+            print(f"    {c:22} {v['ms']:9.3f} ms {v['ms'] / t['thunk_ms']:6.1%} ({v['thunks']} thunks)")
+    print("  the largest thunks that are not dots:")
+    for r in t["top_not_dot"]:
+        print(f"    {r['ms']:9.3f} ms  {r['category']:20} {r['thunk'][:34]:34} {r['ops'][:70]}")
 
 
 def profile(w: Workload, repeats: int, peak: float, dot_s: float, cache: dict) -> dict:
@@ -309,11 +438,13 @@ def print_row(name: str, r: dict, top: int) -> None:
 
 def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: int = 20, dot_s: float = 0.05,
         hidden: int | None = None, layers: int | None = None, batch: int | None = None,
-        peak_n: int = 2048, top: int = 12) -> dict:
-    """Every workload's figures (`only`: one of WORKLOADS)."""
+        peak_n: int = 2048, top: int = 12, trace: bool = False) -> dict:
+    """Every workload's figures (`only`: one of WORKLOADS); `trace`: with each one's thunk times
+    by category (`trace_thunks`) under `trace`."""
     peak = matmul_peak(n=peak_n)
     out = {"peak_gflops": peak, "args": {"repeats": repeats, "steps": steps, "calls": calls, "dot_s": dot_s,
-                                         "hidden": hidden, "layers": layers, "batch": batch, "peak_n": peak_n}}
+                                         "hidden": hidden, "layers": layers, "batch": batch, "peak_n": peak_n,
+                                         "trace": trace}}
     print(f"float32 matmul peak (jitted {peak_n}^3 jnp.dot, median): {peak:.0f} GFLOP/s")
     cache = {}
     for name in [only] if only else WORKLOADS:
@@ -324,6 +455,9 @@ def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: in
         for w in ws:
             out[w.name] = profile(w, repeats, peak, dot_s, cache)
             print_row(w.name, out[w.name], top)
+            if trace:
+                out[w.name]["trace"] = trace_thunks(w, top)
+                print_trace(w.name, out[w.name]["trace"])
     return out
 
 
@@ -340,6 +474,7 @@ def main(argv=None):
                                                            "training, 8, 16, 32 and 64 rows for evaluation)")
     ap.add_argument("--peak_n", type=int, default=2048, help="matrix size of the matmul peak (toy runs: smaller)")
     ap.add_argument("--top", type=int, default=12, help="dot shapes shown per workload")
+    ap.add_argument("--trace", action="store_true", help="also trace one call and time its thunks by category")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if min(args.repeats, args.steps, args.calls, args.top, args.peak_n) < 1 or not args.dot_s > 0:
@@ -347,7 +482,8 @@ def main(argv=None):
     if any(v is not None and v < 1 for v in (args.hidden, args.layers, args.batch)):
         ap.error("--hidden, --layers and --batch must be >= 1")
     out = run(args.only, repeats=args.repeats, steps=args.steps, calls=args.calls, dot_s=args.dot_s,
-              hidden=args.hidden, layers=args.layers, batch=args.batch, peak_n=args.peak_n, top=args.top)
+              hidden=args.hidden, layers=args.layers, batch=args.batch, peak_n=args.peak_n, top=args.top,
+              trace=args.trace)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,5 +1,6 @@
 """benchmarks/profile_floor.py: its dot count against a hand count of the model's matmuls, the
 count's recursion into sub-jaxprs, and its JSON at toy size (every time finite and > 0)."""
+import collections
 import json
 import math
 import os
@@ -100,3 +101,67 @@ def test_toy_json(tmp_path, only):
     assert r["dots_per_call"] == sum(d["count"] for d in r["dots"]) and r["distinct_dots"] == len(r["dots"])
     # XLA counts every dot the jaxpr has (none is dead here) and elementwise FLOPs besides
     assert 0 < r["dot_over_xla_flops"] <= 1.0 + 1e-6
+
+
+HLO = """HloModule m
+
+%fused_computation (param_0: f32[4,8], param_1: f32[8,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,8]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,8]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_tanh (param_0.1: f32[4,8]) -> f32[4,8] {
+  %param_0.1 = f32[4,8]{1,0} parameter(0)
+  ROOT %tanh.1 = f32[4,8]{1,0} tanh(%param_0.1)
+}
+
+%fused_outer (param_0.2: f32[4,8]) -> f32[4,8] {
+  %param_0.2 = f32[4,8]{1,0} parameter(0)
+  %inner = f32[4,8]{1,0} fusion(%param_0.2), kind=kLoop, calls=%fused_tanh
+  ROOT %x = u32[4,8]{1,0} xor(%inner, %inner)
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[8,8]) -> (f32[4,8], f32[8,4]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  %ynn_fusion = f32[4,8]{1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_computation
+  %tanh_fusion = f32[4,8]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_tanh
+  %hash_fusion = f32[4,8]{1,0} fusion(%tanh_fusion), kind=kLoop, calls=%fused_outer
+  %transpose.2 = f32[8,4]{1,0} transpose(%tanh_fusion), dimensions={1,0}, metadata={op_name="jit(f)/transpose"}
+  %while.3 = (f32[4,8]{1,0}, s32[]) while(%tuple.1), condition=%cond, body=%body
+  ROOT %tuple = (f32[4,8]{1,0}, f32[8,4]{1,0}) tuple(%hash_fusion, %transpose.2)
+}
+"""
+
+
+def test_hlo_ops_follow_fusions_and_categorise_in_order():
+    ops = P.hlo_ops(HLO)
+    assert ops["ynn_fusion"] == {"parameter": 2, "dot": 1}
+    assert ops["tanh_fusion"] == {"parameter": 1, "tanh": 1}
+    assert ops["hash_fusion"] == {"parameter": 2, "tanh": 1, "xor": 1}  # the nested fusion's ops too
+    assert ops["transpose.2"] == {"transpose": 1} and ops["while.3"] == {"while": 1}
+    cat = {n: P.categorise(ops[n]) for n in ("ynn_fusion", "tanh_fusion", "hash_fusion", "transpose.2", "while.3")}
+    assert cat == {"ynn_fusion": "dot", "tanh_fusion": "activation", "hash_fusion": "random bits",
+                   "transpose.2": "transpose or copy", "while.3": None}
+    assert P.categorise(collections.Counter({"broadcast": 1, "parameter": 1})) == "broadcast"
+    assert P.categorise(collections.Counter({"exponential": 1, "parameter": 1})) == "other elementwise"
+
+
+def test_hlo_ops_of_a_compiled_program_find_its_dot():
+    f = jax.jit(lambda x, w: jnp.tanh(x @ w).T.sum(0))
+    x = jnp.ones((16, 32))
+    ops = P.hlo_ops(f.lower(x, x.T).compile().as_text())
+    assert ops and any(P.categorise(o) == "dot" for o in ops.values())
+
+
+def test_toy_trace_sums_its_categories(tmp_path):
+    path = tmp_path / "floor.json"
+    P.main(["--only", "train_h512", "--hidden", "16", "--layers", "1", "--batch", "4", "--repeats", "1", "--steps",
+            "2", "--dot_s", "0.002", "--peak_n", "256", "--trace", "--top", "3", "--json", str(path)])
+    t = json.loads(path.read_text())["train_h512"]["trace"]
+    assert set(t["categories"]) == set(P.CATEGORIES)
+    assert t["thunk_ms"] == pytest.approx(sum(c["ms"] for c in t["categories"].values()))
+    assert t["categories"]["dot"]["ms"] > 0 and t["categories"]["dot"]["thunks"] > 0
+    assert t["thunk_ms"] > 0 and math.isfinite(t["traced_ms"]) and t["traced_ms"] > 0
+    assert 0 < len(t["top_not_dot"]) <= 3 and all(r["category"] != "dot" for r in t["top_not_dot"])
