@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -38,6 +40,36 @@ def chunk_timer(chunk, state, data, steps: int):
         return (time.perf_counter() - t) / steps
 
     return run, cold_s
+
+
+def traced(fn) -> tuple[float, list]:
+    """Run `fn()` once under the XLA profiler: (its wall time in seconds, the events of the XLA CPU
+    compute threads as (thread, name, start_ns, duration_ns)). The events are the thunks the
+    programs ran (named after their HLO instructions) inside `ThunkExecutor::Execute` spans."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t
+        paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {d}")
+        data = jax.profiler.ProfileData.from_file(paths[0])
+    events = [(line.name, e.name, e.start_ns, e.duration_ns) for plane in data.planes for line in plane.lines
+              if "XLA" in line.name and "PjRt" not in line.name for e in line.events]
+    return wall, events
+
+
+def busy_s(events: list) -> float:
+    """Seconds during which some XLA program was executing: the union, over every compute thread,
+    of the `ThunkExecutor::Execute` spans of `traced`'s events (nested and overlapping spans once)."""
+    spans = sorted((s, s + d) for _, name, s, d in events if name == "ThunkExecutor::Execute")
+    total, end = 0.0, -math.inf
+    for s, e in spans:
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total / 1e9
 
 
 COMMON_KEYS = ("speedup", "speedup_vs_batched", "floor_fraction", "cold_s", "warm_s")

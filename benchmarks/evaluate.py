@@ -39,7 +39,9 @@ machine load):
   interleaved, on a full window; two spinning threads collapse when other jobs share the cores).
 - the float32 matmul peak (jitted 2048 x 2048 `jnp.dot`, median), and a breakdown of our warm
   time: the jitted policy call at each bucket size it used and `env.step` on the batch, each timed
-  alone (medians) and multiplied by how many loop steps used it; the rest is host bookkeeping.
+  alone (medians) and multiplied by how many loop steps used it, the rest being host bookkeeping;
+  and one more warm run under the XLA profiler, in which the time XLA programs were executing is
+  measured inside the run itself (`_common.busy_s`; the rest of that run is physics and host).
 
 What is EXTRAPOLATED: the original protocol's total = its measured ms per policy step x the policy
 steps our run took (per task, summed), i.e. its time for the same work without running all of it.
@@ -75,7 +77,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import common_keys, common_line, matmul_peak  # noqa: E402
+from benchmarks._common import busy_s, common_keys, common_line, matmul_peak, traced  # noqa: E402
 from mdt_jax import checkpoint, envs, evaluate as ev  # noqa: E402
 from mdt_jax.fileio import write_json_atomic  # noqa: E402
 from mdt_jax.interop import export_hf  # noqa: E402
@@ -399,9 +401,18 @@ def median_time(f, n: int) -> float:
     return statistics.median(ts)
 
 
-def breakdown(cfg, params, task: str, E: int, lengths: np.ndarray, calls: int = 5) -> dict:
+def our_run(cfg: DTConfig, params, task: str, st: ev.TaskStats, episodes: int, max_steps: int) -> ev.Row:
+    """Ours: one task's batched evaluation, the native executor."""
+    return ev.evaluate(cfg, params, [task], {task: st}, episodes=episodes, max_steps=max_steps, seed=SEED,
+                       executor="native")[0]
+
+
+def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, lengths: np.ndarray,
+              calls: int = 5) -> dict:
     """Our warm time split into policy calls (per bucket size), env.step and the rest, estimated
-    from each part timed alone (median) x the number of loop steps that ran it."""
+    from each part timed alone (median) x the number of loop steps that ran it; and one more warm
+    run under the XLA profiler, measuring inside the run how long XLA programs were executing
+    (`_common.busy_s`): the rest of that run is physics, host bookkeeping and dispatch."""
     T, K = int(lengths.max()), cfg.context_len
     live = (lengths[0][None, :] > np.arange(T)[:, None]).sum(1)  # live episodes at each step
     buckets = np.asarray([ev.bucket(int(n), E) for n in live])
@@ -418,17 +429,18 @@ def breakdown(cfg, params, task: str, E: int, lengths: np.ndarray, calls: int = 
     env.reset(0)
     a = np.random.default_rng(0).uniform(-1, 1, (E, cfg.act_dim))
     env_s = median_time(lambda: env.step(a), 3 * calls) * T
+    wall, events = traced(lambda: our_run(cfg, params, task, st, E, max_steps))
     return {"loop_steps": T, "policy_s": sum(n * s for n, s in policy.values()), "env_step_s": env_s,
             "policy_ms_per_call": {str(b): 1e3 * s for b, (n, s) in policy.items()},
-            "steps_per_bucket": {str(b): n for b, (n, s) in policy.items()}}
+            "steps_per_bucket": {str(b): n for b, (n, s) in policy.items()},
+            "traced_s": wall, "traced_xla_busy_s": busy_s(events)}
 
 
 def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: bool) -> dict:
     """One task: ours cold then `--repeats` warm, interleaved with the batch-1 peer's episodes and the
     batched peer's runs (`peers`: the weights load into transformers), so all see the same load."""
     E = args.episodes
-    run = lambda: ev.evaluate(cfg, params, [task], {task: st}, episodes=E, max_steps=args.max_steps, seed=SEED,
-                              executor="native")[0]
+    run = lambda: our_run(cfg, params, task, st, E, args.max_steps)
     t0 = time.perf_counter()
     res = run()
     cold = time.perf_counter() - t0
@@ -580,7 +592,8 @@ def main(argv=None):
         cfg, params = model(task, args.hidden, args.layers, args.context)
         r = bench_task(task, cfg, params, stats_for(task), args, peers=True)
         if not args.no_breakdown:
-            r["breakdown"] = breakdown(cfg, params, task, args.episodes, np.asarray([r["lengths"]]))
+            r["breakdown"] = breakdown(cfg, params, task, stats_for(task), args.episodes, args.max_steps,
+                                       np.asarray([r["lengths"]]))
         out["tasks"][task] = r
     out |= totals(list(out["tasks"].values()), peak, True)
     out["load_avg_1min"] = os.getloadavg()[0]
@@ -619,7 +632,8 @@ def main(argv=None):
             calls = ", ".join(f"b{k}: {b['steps_per_bucket'][k]} x {v:.2f} ms" for k, v in b["policy_ms_per_call"].items())
             print(f"  {task:12} ours {r['batched_s']:.2f} s ~ policy {b['policy_s']:.2f} s ({calls}) + env.step "
                   f"{b['env_step_s']:.2f} s + rest {r['batched_s'] - b['policy_s'] - b['env_step_s']:.2f} s; "
-                  f"compile ~{r['compile_s_approx']:.1f} s")
+                  f"compile ~{r['compile_s_approx']:.1f} s; a traced warm run: XLA busy {b['traced_xla_busy_s']:.2f} s "
+                  f"of {b['traced_s']:.2f} s ({b['traced_xla_busy_s'] / b['traced_s']:.0%}), the rest physics and host")
 
     if trained:
         rows = {}

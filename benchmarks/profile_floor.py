@@ -64,7 +64,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import train_step as TS  # noqa: E402
-from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak  # noqa: E402
+from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak, traced  # noqa: E402
 from mdt_jax import evaluate as ev, train as T  # noqa: E402
 from mdt_jax.models import DTConfig, apply, init_params  # noqa: E402
 
@@ -342,26 +342,12 @@ def trace_thunks(w: Workload, top: int = 12) -> dict:
     instructions of `w.hlo`) and summed by name; `thunk_ms` is their sum, `traced_ms` the call's
     wall time under the trace (the difference: dispatch and host work, or thunks overlapping on
     the two threads if negative)."""
-    import tempfile
-
     ops = hlo_ops(w.hlo)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            t = time.perf_counter()
-            w.run()
-            traced = time.perf_counter() - t
-        paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
-        if not paths:
-            raise RuntimeError(f"{w.name}: the profiler wrote no .xplane.pb under {d}")
-        data = jax.profiler.ProfileData.from_file(paths[0])
+    traced_s, events = traced(w.run)
     per = collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            if "XLA" not in line.name or "PjRt" in line.name:  # the compute threads, not the client's
-                continue
-            for ev_ in line.events:
-                if ev_.name in ops:
-                    per[ev_.name] += ev_.duration_ns
+    for _, name, _, ns in events:
+        if name in ops:
+            per[name] += ns
     cats = {c: {"ms": 0.0, "thunks": 0} for c in CATEGORIES}
     rows = []
     for name, ns in per.items():
@@ -377,7 +363,7 @@ def trace_thunks(w: Workload, top: int = 12) -> dict:
         raise RuntimeError(f"{w.name}: no thunk of the compiled program was found in the trace")
     rows.sort(key=lambda r: -r["ms"])
     total = sum(c["ms"] for c in cats.values())
-    return {"traced_ms": 1e3 * traced / w.units, "thunk_ms": total, "categories": cats,
+    return {"traced_ms": 1e3 * traced_s / w.units, "thunk_ms": total, "categories": cats,
             "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
 
 

@@ -48,6 +48,24 @@ def test_replay_catches_a_different_action():
     assert seq.replay(tr["obs"], tr["rewards"], wrong) == pytest.approx(0.01, abs=E.CHECK_TOL)
 
 
+def test_busy_s_is_the_union_of_the_executor_spans():
+    ev = lambda s, d, name="ThunkExecutor::Execute", line="tf_XLAEigen/1": (line, name, s, d)
+    events = [ev(0, 10), ev(5, 10, line="tf_XLAEigen/2"), ev(6, 2),  # 0-15: overlapping and nested
+              ev(20, 5), ev(22, 100, name="fusion.3"),  # 20-25; a thunk event is not a span
+              ev(30, 0)]
+    assert C.busy_s(events) == pytest.approx(20e-9)
+    assert C.busy_s([]) == 0.0
+
+
+def test_breakdown_traces_a_warm_run():
+    cfg, params = E.model("hopper", 16, 1, 4)
+    st = E.stats_for("hopper")
+    row = E.our_run(cfg, params, "hopper", st, 2, 6)
+    b = E.breakdown(cfg, params, "hopper", st, 2, 6, row.lengths, calls=1)
+    assert 0 < b["traced_xla_busy_s"] < b["traced_s"], b  # the policy ran inside the run, and the physics too
+    assert b["policy_s"] > 0 and b["env_step_s"] > 0 and b["loop_steps"] == row.lengths.max()
+
+
 def test_common_keys():
     k = C.common_keys(warm_s=2.0, cold_s=5.0, peer_s=8.0, floor_s=1.0)
     assert k == {"speedup": 4.0, "speedup_vs_batched": None, "floor_fraction": 0.5, "cold_s": 5.0, "warm_s": 2.0}
