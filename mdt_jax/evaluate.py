@@ -304,14 +304,12 @@ def evaluate_requests(requests: Sequence[EvalRequest]) -> list[list[Row]]:
 
 
 def side_by_side(jobs: Sequence[Callable[[], Any]], threads: bool = True) -> list:
-    """Each job's result, in order: with `threads` and two or more jobs, in threads (as many as
-    there are jobs, at most one per CPU), so that one evaluation's physics and host bookkeeping run
-    while another's policy program does (XLA and MuJoCo release the GIL); else one after the other.
-    The first error is raised once all ended."""
+    """Each job's result, in order: with `threads` and two or more jobs, one thread each, so that
+    one evaluation's physics and host bookkeeping run while another's policy program does (XLA and
+    MuJoCo release the GIL); else one after the other. The first error is raised once all ended."""
     if not threads or len(jobs) < 2:
         return [job() for job in jobs]
-    workers = min(len(jobs), max(2, os.cpu_count() or 2))
-    with concurrent_futures.ThreadPoolExecutor(workers, thread_name_prefix="mdt_jax-evaluate") as pool:
+    with concurrent_futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mdt_jax-evaluate") as pool:
         futures = [pool.submit(job) for job in jobs]
         return [f.result() for f in futures]
 
