@@ -42,10 +42,6 @@ machine load):
   alone (medians) and multiplied by how many loop steps used it, the rest being host bookkeeping;
   and one more warm run under the XLA profiler, in which the time XLA programs were executing is
   measured inside the run itself (`_common.busy_s`; the rest of that run is physics and host).
-- ours, the tasks one after the other against side by side (`evaluate.side_by_side`: one thread
-  per task's evaluation, as `evaluate_requests` runs its groups and `evaluate` a multi-task
-  model's tasks), alternated `--repeats` times, warm, medians; the returns must be identical bit
-  for bit (JSON `side_by_side`).
 
 What is EXTRAPOLATED: the original protocol's total = its measured ms per policy step x the policy
 steps our run took (per task, summed), i.e. its time for the same work without running all of it.
@@ -69,7 +65,6 @@ policy steps taken / the measured peak.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -441,30 +436,6 @@ def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, 
             "traced_s": wall, "traced_xla_busy_s": busy_s(events)}
 
 
-def side_by_side_run(tasks: list[str], args) -> dict:
-    """The tasks' evaluations (each its own model) one after the other against side by side, one
-    thread each (`evaluate.side_by_side`, as `evaluate_requests` runs groups and `evaluate` runs a
-    multi-task model's tasks), alternated `--repeats` times (medians); both warm, and the returns
-    compared bit for bit."""
-    jobs = []
-    for task in tasks:
-        cfg, params = model(task, args.hidden, args.layers, args.context)
-        jobs.append(functools.partial(our_run, cfg, params, task, stats_for(task), args.episodes, args.max_steps))
-    ref = ev.side_by_side(jobs, threads=False)  # warm: the per-task runs compiled every shape
-    times = {"one_after_the_other_s": [], "side_by_side_s": []}
-    same = True
-    for _ in range(args.repeats):
-        for key, threads in (("one_after_the_other_s", False), ("side_by_side_s", True)):
-            t = time.perf_counter()
-            res = ev.side_by_side(jobs, threads=threads)
-            times[key].append(time.perf_counter() - t)
-            same &= all(np.array_equal(a.returns, b.returns) and np.array_equal(a.lengths, b.lengths)
-                        for a, b in zip(res, ref))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return med | {"all_s": times, "ratio": med["one_after_the_other_s"] / med["side_by_side_s"],
-                  "identical_results": bool(same)}
-
-
 def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: bool) -> dict:
     """One task: ours cold then `--repeats` warm, interleaved with the batch-1 peer's episodes and the
     batched peer's runs (`peers`: the weights load into transformers), so all see the same load."""
@@ -625,7 +596,6 @@ def main(argv=None):
                                        np.asarray([r["lengths"]]))
         out["tasks"][task] = r
     out |= totals(list(out["tasks"].values()), peak, True)
-    out["side_by_side"] = side_by_side_run(tasks, args)
     out["load_avg_1min"] = os.getloadavg()[0]
 
     used = ", ".join(f"{t}: {r['torch_threads']}/{r['torch_batched_threads']}" for t, r in out["tasks"].items())
@@ -656,11 +626,6 @@ def main(argv=None):
           f"{out['speedup_vs_batched_cold']:.2f}x cold. FLOP floor at peak: ours ('last' forward, "
           f"{mflop('flops_last'):.1f} MFLOP/step) {out['floor_s']:.1f} s = {100 * out['floor_fraction']:.0f}% of our "
           f"warm time; the full forward the peers run ({mflop('flops_full'):.1f} MFLOP/step) {out['floor_full_s']:.1f} s")
-    sbs = out["side_by_side"]
-    print(f"ours, the {len(tasks)} tasks one after the other {sbs['one_after_the_other_s']:.2f} s against side by side "
-          f"(one thread each) {sbs['side_by_side_s']:.2f} s: {sbs['ratio']:.2f}x, results "
-          f"{'identical' if sbs['identical_results'] else 'DIFFERENT'}; the batched peer's total against side by side: "
-          f"{out['torch_batched_s'] / sbs['side_by_side_s']:.2f}x")
     if not args.no_breakdown:
         for task, r in out["tasks"].items():
             b = r["breakdown"]

@@ -25,9 +25,7 @@ import dataclasses
 import functools
 import math
 import os
-import threading
 import zlib
-from concurrent import futures as concurrent_futures
 from typing import Any, Callable, Generator, Sequence
 
 import flax.struct
@@ -272,16 +270,14 @@ def evaluate_requests(requests: Sequence[EvalRequest]) -> list[list[Row]]:
     """Each request's rows (as `evaluate_model` gives them), every group of requests with the same
     config, tasks, normalisers and spec evaluated in one `evaluate` call: their candidates
     stacked, each on its own reset seed. On the native executor a candidate's rows are bitwise
-    those it gets alone (`native_policy`), so grouping changes no result; there the groups also run
-    side by side, one thread each (as `evaluate` runs its tasks), which changes no result either."""
+    those it gets alone (`native_policy`), so grouping changes no result."""
     groups: dict[tuple, list[int]] = {}
     stats = []
     for i, r in enumerate(requests):
         stats.append(model_stats(r.model, r.tasks()))
         groups.setdefault(r.group_key(stats[-1]), []).append(i)
     out: list[list[Row] | None] = [None] * len(requests)
-
-    def run(members):
+    for members in groups.values():
         first = requests[members[0]]
         parts, coeffs = zip(*(requests[i].stacked() for i in members))
         sizes = [len(c) for c in coeffs]
@@ -296,22 +292,7 @@ def evaluate_requests(requests: Sequence[EvalRequest]) -> list[list[Row]]:
             out[i] = [Row(r.label, res.summary(offset + k), mode, r.checkpoint, ck or None)
                       for k, ck in enumerate(c) for res in results]
             offset += n
-
-    jobs = list(groups.values())
-    native = all(envs.resolve_executor(requests[m[0]].spec.executor) == "native" for m in jobs)
-    side_by_side([functools.partial(run, members) for members in jobs], threads=native)
     return out
-
-
-def side_by_side(jobs: Sequence[Callable[[], Any]], threads: bool = True) -> list:
-    """Each job's result, in order: with `threads` and two or more jobs, one thread each, so that
-    one evaluation's physics and host bookkeeping run while another's policy program does (XLA and
-    MuJoCo release the GIL); else one after the other. The first error is raised once all ended."""
-    if not threads or len(jobs) < 2:
-        return [job() for job in jobs]
-    with concurrent_futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mdt_jax-evaluate") as pool:
-        futures = [pool.submit(job) for job in jobs]
-        return [f.result() for f in futures]
 
 
 def run_lockstep(stages: Sequence[Generator], on_done: Callable[[int, Any], None] | None = None) -> list:
@@ -526,8 +507,7 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
 
 def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskStats], *, episodes: int = 50,
              max_steps: int = 1000, seed: int | Sequence[int] = 0, executor: str = "auto",
-             progress: Callable[[int], None] | None = None, mesh=None,
-             concurrent: bool | None = None) -> list[TaskResult]:
+             progress: Callable[[int], None] | None = None, mesh=None) -> list[TaskResult]:
     """Evaluate one param set, or M stacked on a leading axis, on every task in `tasks`.
 
     `stats[task]` gives the normalisation and target. With one reset `seed`, every candidate sees
@@ -539,10 +519,6 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
     `mesh` (`mdt_jax.sharding`) splits the work over its devices: with mjx, the candidates when M
     divides the mesh, else the episodes; with native, the policy's candidates when M divides the
     mesh (physics stays on this host, so a native mesh must be this host's devices).
-
-    `concurrent` runs the tasks side by side, one thread each (default: with the native executor
-    and more than one task), so that one task's physics and host bookkeeping overlap another's
-    policy program. A task's episodes, batches and results are the same either way, bit for bit.
     """
     if not isinstance(episodes, int) or episodes <= 0:
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
@@ -560,7 +536,7 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
     if executor == "native" and mesh is not None and mesh.is_multi_process:
         raise ValueError("evaluate: the native executor runs on one host; give it a mesh of this host's "
                          "devices (sharding.data_mesh(jax.local_devices())) or use executor='mjx'")
-    checked = []
+    results = []
     for name in tasks:
         task = envs.get_task(name)
         tid = _check_task_fits(cfg, task)
@@ -569,26 +545,10 @@ def evaluate(cfg: DTConfig, params, tasks: Sequence[str], stats: dict[str, TaskS
         st = stats[name]
         if np.shape(st.state_mean) != (task.obs_dim,) or np.shape(st.state_std) != (task.obs_dim,):
             raise ValueError(f"stats[{name!r}]: state_mean/state_std must have shape ({task.obs_dim},)")
-        checked.append((name, task, tid, st))
-    if concurrent is None:
-        concurrent = executor == "native" and len(checked) > 1
-    if not isinstance(concurrent, bool):
-        raise ValueError(f"concurrent must be a bool or None, got {concurrent!r}")
-
-    def one(item, report):
-        name, task, tid, st = item
-        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seeds, report, mesh)
-        return TaskResult(name, np.asarray(ret, np.float64), np.asarray(length), np.asarray(nan), st.target_return)
-
-    lock = threading.Lock()
-
-    def report(n):  # progress from several task threads, one call at a time
-        with lock:
-            progress(n)
-
-    # each task's loop, batches and results are its own, whichever way they run
-    return side_by_side([functools.partial(one, item, report if progress else None) for item in checked],
-                        threads=concurrent)
+        ret, length, nan = run(cfg, stacked, M, task, tid, st, episodes, max_steps, seeds, progress, mesh)
+        results.append(TaskResult(name, np.asarray(ret, np.float64), np.asarray(length), np.asarray(nan),
+                                  st.target_return))
+    return results
 
 
 def _check_seeds(seed, M: int) -> tuple[int, ...]:

@@ -30,8 +30,6 @@ def test_evaluate_toy_json(tmp_path):
     assert r["check"]["ok"] and r["check"]["batch"] == 2 and r["check"]["steps"] > 4 * 2  # windows rolled past K
     # the peers ran the same episodes as ours: same starts, same weights
     assert r["torch_batched_return_max_rel_diff"] < 1e-4 and r["sequential_return_max_rel_diff"] < 1e-4
-    sbs = out["side_by_side"]
-    assert sbs["identical_results"] and sbs["ratio"] == pytest.approx(sbs["one_after_the_other_s"] / sbs["side_by_side_s"])
     with pytest.raises(SystemExit):  # an existing --json is never overwritten
         E.main(["--episodes", "1", "--tasks", "hopper", "--json", str(path)])
 

@@ -114,30 +114,6 @@ def test_candidates_on_a_leading_axis_and_tasks_in_one_call():
     assert s["return_over_target"] == pytest.approx(s["return_mean"] / 5000.0)
 
 
-def test_tasks_run_concurrently_give_the_same_bits_and_progress():
-    """Three tasks of a multi-task model (two of them stacked candidates) side by side, one thread
-    each, against one after the other: the same returns, lengths and NaN counts bit for bit, the
-    same total of reported env steps; a bad `concurrent` is refused."""
-    mcfg = DTConfig.multi_task([("hopper", 11, 3), ("walker2d", 17, 6), ("halfcheetah", 17, 6)], **SMALL)
-    mp = jax.tree.map(lambda a, b: jnp.stack([a, b]), init_params(mcfg, jax.random.key(0)),
-                      init_params(mcfg, jax.random.key(1)))
-    st = {"hopper": stats(11), "walker2d": stats(17, 5000.0), "halfcheetah": stats(17, 12000.0)}
-    runs, steps = {}, {}
-    for mode in (True, False):
-        seen = []
-        runs[mode] = ev.evaluate(mcfg, mp, list(st), st, episodes=3, max_steps=60, seed=[2, 5], concurrent=mode,
-                                 progress=seen.append)
-        steps[mode] = sum(seen)
-    for a, b in zip(runs[True], runs[False]):
-        assert a.task == b.task
-        np.testing.assert_array_equal(a.returns, b.returns)
-        np.testing.assert_array_equal(a.lengths, b.lengths)
-        np.testing.assert_array_equal(a.nan_actions, b.nan_actions)
-    assert steps[True] == steps[False] > 0
-    with pytest.raises(ValueError, match="concurrent"):
-        ev.evaluate(mcfg, mp, list(st), st, episodes=1, max_steps=5, concurrent="yes")
-
-
 def test_finished_episodes_stop_accruing_and_returns_are_the_reward_sum():
     cfg, p = hopper_model()
     res = ev.evaluate(cfg, p, ["hopper"], {"hopper": stats()}, episodes=4, max_steps=1000, seed=3)[0]
