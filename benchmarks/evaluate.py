@@ -401,7 +401,7 @@ def median_time(f, n: int) -> float:
     return statistics.median(ts)
 
 
-def our_run(cfg: DTConfig, params, task: str, st: ev.TaskStats, episodes: int, max_steps: int) -> ev.Row:
+def our_run(cfg: DTConfig, params, task: str, st: ev.TaskStats, episodes: int, max_steps: int) -> ev.TaskResult:
     """Ours: one task's batched evaluation, the native executor."""
     return ev.evaluate(cfg, params, [task], {task: st}, episodes=episodes, max_steps=max_steps, seed=SEED,
                        executor="native")[0]
