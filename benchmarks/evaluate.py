@@ -590,10 +590,10 @@ def main(argv=None):
            "load_avg_1min_start": os.getloadavg()[0], "tasks": {}}
     for task in tasks:
         cfg, params = model(task, args.hidden, args.layers, args.context)
-        r = bench_task(task, cfg, params, stats_for(task), args, peers=True)
+        st = stats_for(task)
+        r = bench_task(task, cfg, params, st, args, peers=True)
         if not args.no_breakdown:
-            r["breakdown"] = breakdown(cfg, params, task, stats_for(task), args.episodes, args.max_steps,
-                                       np.asarray([r["lengths"]]))
+            r["breakdown"] = breakdown(cfg, params, task, st, args.episodes, args.max_steps, np.asarray([r["lengths"]]))
         out["tasks"][task] = r
     out |= totals(list(out["tasks"].values()), peak, True)
     out["load_avg_1min"] = os.getloadavg()[0]

@@ -367,7 +367,7 @@ def trace_thunks(w: Workload, top: int = 12) -> dict:
             "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
 
 
-def print_trace(name: str, t: dict) -> None:
+def print_trace(t: dict) -> None:
     print(f"  trace of one call: thunks {t['thunk_ms']:.3f} ms of {t['traced_ms']:.3f} ms traced, by category:")
     for c, v in sorted(t["categories"].items(), key=lambda kv: -kv[1]["ms"]):
         if v["thunks"]:
@@ -443,7 +443,7 @@ def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: in
             print_row(w.name, out[w.name], top)
             if trace:
                 out[w.name]["trace"] = trace_thunks(w, top)
-                print_trace(w.name, out[w.name]["trace"])
+                print_trace(out[w.name]["trace"])
     return out
 
 

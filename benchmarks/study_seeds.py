@@ -42,9 +42,14 @@ CHILD = ("import sys; from ml_collections import config_flags; from absl import 
          "R.reproduce(flags.FLAGS.config, sys.argv[2], seeds_together=sys.argv[3] == 'together')")
 
 
+def _record(workdir: str, mode: str) -> str:
+    """Where a mode's wall time is recorded: DIR/<mode>_wall_s.json, beside DIR/<mode>/."""
+    return os.path.join(workdir, f"{mode}_wall_s.json")
+
+
 def recorded(workdir: str, mode: str) -> float | None:
-    """The wall seconds recorded for a finished mode (DIR/<mode>_wall_s.json beside DIR/<mode>/results.json)."""
-    rec = os.path.join(workdir, f"{mode}_wall_s.json")
+    """The wall seconds recorded for a finished mode (`_record`, with DIR/<mode>/results.json)."""
+    rec = _record(workdir, mode)
     if not (os.path.exists(os.path.join(workdir, mode, "results.json")) and os.path.exists(rec)):
         return None
     with open(rec) as f:
@@ -59,7 +64,7 @@ def run_mode(config: str, workdir: str, mode: str, overrides: list[str] = ()) ->
     subprocess.run([sys.executable, "-c", CHILD, config, os.path.join(workdir, mode), mode, *overrides], cwd=ROOT,
                    check=True)
     wall = time.perf_counter() - t
-    with open(os.path.join(workdir, f"{mode}_wall_s.json"), "w") as f:
+    with open(_record(workdir, mode), "w") as f:
         json.dump({"wall_s": wall}, f)
     return wall
 
