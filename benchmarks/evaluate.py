@@ -57,10 +57,14 @@ The peers run on those weights only where transformers can hold them: `export_hf
 order, so for them only ours is timed (JSON `trained`, `speedup` null) while the cross-check and the
 peer comparison stay on the random before_ln weights.
 
-FLOP floors (matmul FLOPs only, counted analytically; XLA's own count of our forward is printed
-for comparison): our `outputs='last'` forward (3K-1 tokens, the last block only for the last state
-token) and the full forward the peers run (3K tokens through every block, every head), each x the
-policy steps taken / the measured peak.
+FLOP floors (matmul FLOPs only, counted analytically by `analytic_flops`), each x the policy steps
+taken / the matmul peak measured beside the task's warm runs (a 2048^2 `jnp.dot` just before each
+one; the median), since this machine's speed drifts by tens of percent within minutes:
+- `floor_fraction` (the common key): the exact last-token forward on the window (3K-1 tokens, the
+  last block for the last state token only), the least an exact policy runs without a cache;
+- `floor_fraction_cached`: the step ours runs (`evaluate.policy_step`: block 0's inputs cached per
+  token, so its qkv projection of the window is not recomputed), against its own FLOPs;
+- the full forward the peers run (3K tokens through every block, every head), printed.
 """
 from __future__ import annotations
 
@@ -102,9 +106,10 @@ def stats_for(task: str) -> ev.TaskStats:
 
 def find_model(root: str, task: str) -> str:
     """The checkpoint folder of `task` under a workdir `root`: root/seed_0/dt_common_<task>/model,
-    else root/dt_common_<task>/model, else root/<task> (the first that holds mdt.json)."""
+    else root/dt_common_<task>/model, else root/<task>/model (benchmarks/trained_workload.py), else
+    root/<task> (the first that holds mdt.json)."""
     tries = [os.path.join(root, "seed_0", f"dt_common_{task}", "model"), os.path.join(root, f"dt_common_{task}", "model"),
-             os.path.join(root, task)]
+             os.path.join(root, task, "model"), os.path.join(root, task)]
     for p in tries:
         if os.path.isfile(os.path.join(p, "mdt.json")):
             return p
@@ -133,15 +138,28 @@ def torch_dt(cfg: DTConfig, params):
 
 
 def analytic_flops(cfg: DTConfig, outputs: str) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one batch-1 forward: 'last' (ours) or 'all' (HF)."""
+    """Matmul FLOPs (2 per multiply-add) of one policy step of one episode: 'last' (the exact
+    last-token forward on the window: 3K-1 tokens, the last block for the last state token only),
+    'cached' (what ours runs, `evaluate.policy_step`: the step's tokens embedded and projected by
+    block 0's c_attn twice (before and after the action), block 0 from the cache on the 3K tokens
+    of the ring, the last block for the state token only) or 'all' (the full forward the peers
+    run: 3K tokens through every block, every head)."""
     H, K, L, S, A, I = cfg.hidden_size, cfg.context_len, cfg.n_layer, cfg.state_dim, cfg.act_dim, cfg.inner_dim
     embed = 2 * K * H * (S + A + 1)
-    block = lambda T: 2 * T * H * (3 * H + H + 2 * I) + 4 * T * T * H  # qkv, proj, mlp; q.k and p.v
+    rest = lambda T: 2 * T * H * (H + 2 * I) + 4 * T * T * H  # proj, mlp; q.k and p.v
+    block = lambda T: 2 * T * H * 3 * H + rest(T)  # with qkv
+    one = lambda T: 2 * H * (H + 2 * I) + 4 * T * H + 2 * H * A  # proj and mlp of one token, its attention, the head
     if outputs == "all":
         T = 3 * K
         return embed + L * block(T) + 2 * K * H * (A + S + 1)
+    if outputs == "cached":
+        T = 3 * K
+        tokens = 2 * (2 * H * (S + A + 1) + 2 * 3 * H * 3 * H)
+        if L == 1:
+            return tokens + one(T)
+        return tokens + rest(T) + (L - 2) * block(T) + 2 * T * H * 2 * H + 2 * H * H + one(T)
     T = 3 * K - 1
-    last = 2 * T * H * 2 * H + 2 * H * (H + H + 2 * I) + 4 * T * H + 2 * H * A  # k, v of all; the rest of one token
+    last = 2 * T * H * 2 * H + 2 * H * H + one(T)  # k, v of all; q and the rest of one token
     return embed + (L - 1) * block(T) + last
 
 
@@ -413,18 +431,21 @@ def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, 
     from each part timed alone (median) x the number of loop steps that ran it; and one more warm
     run under the XLA profiler, measuring inside the run how long XLA programs were executing
     (`_common.busy_s`): the rest of that run is physics, host bookkeeping and dispatch."""
-    T, K = int(lengths.max()), cfg.context_len
+    T = int(lengths.max())
     live = (lengths[0][None, :] > np.arange(T)[:, None]).sum(1)  # live episodes at each step
     buckets = np.asarray([ev.bucket(int(n), E) for n in live])
     stacked = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * 2), params)  # one candidate, as _NativeDT runs it
+    obs, rtg = np.zeros((2, E, cfg.state_dim), np.float32), np.zeros((2, E), np.float32)
     policy = {}
     for b in sorted(set(buckets.tolist())):
-        window = [np.zeros((2, b, K, cfg.state_dim), np.float32), np.zeros((2, b, K, cfg.act_dim), np.float32),
-                  np.zeros((2, b, K, 1), np.float32), np.full((2, b, K), 500, np.int32)]
-        mask = np.ones((b, K), np.float32)
-        s = median_time(lambda: np.asarray(ev.native_policy(cfg, False, stacked, window, mask, None, np.int32(1))),
-                        calls)
-        policy[b] = (int((buckets == b).sum()), s)
+        box = [ev.TokenCache.zeros((2, b), cfg)]
+
+        def call():
+            a, box[0] = ev.native_step(cfg, False, stacked, box[0], obs, rtg, np.int32(500), None, np.int32(1),
+                                       np.zeros(2, np.int32))
+            np.asarray(a)
+
+        policy[b] = (int((buckets == b).sum()), median_time(call, calls))
     env = envs.NativeBatchEnv(task, E)
     env.reset(0)
     a = np.random.default_rng(0).uniform(-1, 1, (E, cfg.act_dim))
@@ -447,6 +468,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
     r = {"model": {"hidden_size": cfg.hidden_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                    "context_len": cfg.context_len, "timestep_embedding": cfg.timestep_embedding},
          "batched_cold_s": cold, "flops_last": analytic_flops(cfg, "last"), "flops_full": analytic_flops(cfg, "all"),
+         "flops_cached": analytic_flops(cfg, "cached"),
          "xla_flops_last": xla_flops(cfg, params)}
     if peers:
         starts = ev.reset_states(envs.get_task(task), max(E, args.sequential_episodes), SEED)
@@ -458,7 +480,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
         bat = Batched(task, ev.reset_states(envs.get_task(task), E, SEED), cfg, dt, st, E, args.max_steps)
         probe_b = bat.set_threads(args.torch_threads)
         r["check"] = cross_check(task, cfg, dt, st, E, min(args.max_steps, 2 * cfg.context_len + 5), bat.threads)
-    warm, warm_cpu, seq_cpu, bruns, bat_cpu = [], [], 0.0, [], []
+    warm, warm_cpu, seq_cpu, bruns, bat_cpu, peaks = [], [], 0.0, [], [], []
     episodes = list(range(args.sequential_episodes))
     for i in range(args.repeats):  # interleave: a share of the batch-1 episodes, a warm run of ours, the batched peer
         if peers:
@@ -466,6 +488,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
             for e in episodes[i::args.repeats]:
                 seq.episode(e)
             seq_cpu += time.process_time() - c0
+        peaks.append(matmul_peak(repeats=5))  # this machine's speed drifts: the floor uses the peak beside each run
         t0, c0 = time.perf_counter(), time.process_time()
         again = run()
         warm.append(time.perf_counter() - t0)
@@ -477,6 +500,7 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
             bat_cpu.append(time.process_time() - c0)
     steps = int(res.lengths.sum())
     r |= {"policy_steps": steps, "batched_s": statistics.median(warm), "batched_runs_s": warm,
+          "peak_gflops": statistics.median(peaks), "peaks_gflops": peaks,
           "batched_cpu_s": statistics.median(warm_cpu), "compile_s_approx": cold - statistics.median(warm),
           "return_mean": float(res.returns.mean()), "length_mean": float(res.lengths.mean()),
           "lengths": res.lengths[0].tolist(),
@@ -503,14 +527,16 @@ def bench_task(task: str, cfg: DTConfig, params, st: ev.TaskStats, args, peers: 
     return r
 
 
-def totals(rows: list[dict], peak: float, peers: bool) -> dict:
-    """Sums over tasks and the common keys (`benchmarks/_common.py`)."""
+def totals(rows: list[dict], peers: bool) -> dict:
+    """Sums over tasks and the common keys (`benchmarks/_common.py`). Each task's FLOP floor is at
+    the matmul peak measured beside its warm runs (the median of those peaks)."""
     tot = lambda k: sum(r[k] for r in rows)
     steps, batched, cold = tot("policy_steps"), tot("batched_s"), tot("batched_cold_s")
-    floor = sum(r["flops_last"] * r["policy_steps"] for r in rows) / (peak * 1e9)
-    floor_full = sum(r["flops_full"] * r["policy_steps"] for r in rows) / (peak * 1e9)
+    at_peak = lambda k: sum(r[k] * r["policy_steps"] / (r["peak_gflops"] * 1e9) for r in rows)
+    floor, floor_full, floor_cached = at_peak("flops_last"), at_peak("flops_full"), at_peak("flops_cached")
     out = {"policy_steps": steps, "batched_s": batched, "batched_cold_s": cold, "policy_steps_per_s": steps / batched,
-           "floor_s": floor, "floor_full_s": floor_full, "batched_cpu_s": tot("batched_cpu_s"),
+           "floor_s": floor, "floor_full_s": floor_full, "floor_cached_s": floor_cached,
+           "floor_fraction_cached": floor_cached / batched, "batched_cpu_s": tot("batched_cpu_s"),
            "floor_efficiency": floor / batched}
     seq_s = bat_s = None
     if peers:
@@ -526,7 +552,7 @@ def totals(rows: list[dict], peak: float, peers: bool) -> dict:
     return out | common_keys(warm_s=batched, cold_s=cold, peer_s=seq_s, batched_peer_s=bat_s, floor_s=floor)
 
 
-def print_table(out: dict, peak: float, peers: bool) -> None:
+def print_table(out: dict, peers: bool) -> None:
     f = lambda x, fmt, unit="": "-" if x is None else format(x, fmt) + unit
     print(f"{'task':12} {'policy':>7} {'ours s':>7} {'cold s':>7} {'orig ms/step':>12} {'(policy+env)':>13} "
           f"{'orig s':>7} {'batched s':>9} {'(policy+env)':>13} {'speedup':>7} {'vs batched':>10} {'floor s':>7}")
@@ -537,7 +563,7 @@ def print_table(out: dict, peak: float, peers: bool) -> None:
                  f"{r['torch_batched_policy_s']:6.2f}+{r['torch_batched_env_s']:<6.2f} "
                  f"{r['sequential_s'] / r['batched_s']:6.1f}x {r['torch_batched_s'] / r['batched_s']:9.2f}x "
                  if peers else f"{'-':>12} {'-':>13} {'-':>7} {'-':>9} {'-':>13} {'-':>7} {'-':>10} ")
-              + f"{r['flops_last'] * r['policy_steps'] / (peak * 1e9):7.2f}")
+              + f"{r['flops_last'] * r['policy_steps'] / (r['peak_gflops'] * 1e9):7.2f}")
     print(f"{'total':12} {out['policy_steps']:7d} {out['batched_s']:7.2f} {out['batched_cold_s']:7.2f} "
           f"{f(out.get('sequential_ms_per_step'), '12.2f'):>12} {'':13} {f(out.get('sequential_s'), '7.1f'):>7} "
           f"{f(out.get('torch_batched_s'), '9.2f'):>9} {'':13} {f(out['speedup'], '6.1f', 'x'):>7} "
@@ -595,15 +621,17 @@ def main(argv=None):
         if not args.no_breakdown:
             r["breakdown"] = breakdown(cfg, params, task, st, args.episodes, args.max_steps, np.asarray([r["lengths"]]))
         out["tasks"][task] = r
-    out |= totals(list(out["tasks"].values()), peak, True)
+    out |= totals(list(out["tasks"].values()), True)
     out["load_avg_1min"] = os.getloadavg()[0]
 
     used = ", ".join(f"{t}: {r['torch_threads']}/{r['torch_batched_threads']}" for t, r in out["tasks"].items())
-    print(f"float32 matmul peak {peak:.0f} GFLOP/s (jnp.dot 2048^2, median); H{args.hidden} L{args.layers} "
+    peaks = ", ".join(f"{t} {r['peak_gflops']:.0f}" for t, r in out["tasks"].items())
+    print(f"float32 matmul peak {peak:.0f} GFLOP/s at the start, beside the warm runs {peaks} (jnp.dot 2048^2, "
+          f"median); H{args.hidden} L{args.layers} "
           f"K{args.context} 1 head relu, random weights; ours and the batched peer {args.episodes} episodes/task, "
           f"original protocol {args.sequential_episodes} episodes/task, <= {args.max_steps} steps; torch threads "
           f"{args.torch_threads} (batch-1/batched: {used})")
-    print_table(out, peak, True)
+    print_table(out, True)
     print("measured: ours (warm: median of --repeats; cold: first call, compilation included), the batched torch peer "
           "(median of --repeats whole runs: transformers' DT on all live episodes + Gymnasium SyncVectorEnv), the "
           "original protocol's ms/step over its episodes, the peak; extrapolated: 'orig s' = orig ms/step x our "
@@ -623,9 +651,12 @@ def main(argv=None):
     mflop = lambda k: sum(r[k] * r["policy_steps"] for r in out["tasks"].values()) / steps / 1e6
     print(f"ours: {out['policy_steps_per_s']:.0f} policy-steps/s warm; speedup {out['speedup']:.1f}x warm, "
           f"{out['speedup_cold']:.1f}x cold; vs batched {out['speedup_vs_batched']:.2f}x warm, "
-          f"{out['speedup_vs_batched_cold']:.2f}x cold. FLOP floor at peak: ours ('last' forward, "
-          f"{mflop('flops_last'):.1f} MFLOP/step) {out['floor_s']:.1f} s = {100 * out['floor_fraction']:.0f}% of our "
-          f"warm time; the full forward the peers run ({mflop('flops_full'):.1f} MFLOP/step) {out['floor_full_s']:.1f} s")
+          f"{out['speedup_vs_batched_cold']:.2f}x cold. FLOP floors at the peak measured beside each task's runs: "
+          f"the exact last-token forward ({mflop('flops_last'):.1f} MFLOP/step) {out['floor_s']:.1f} s = "
+          f"{100 * out['floor_fraction']:.0f}% of our warm time; the cached step ours runs "
+          f"({mflop('flops_cached'):.1f} MFLOP/step) {out['floor_cached_s']:.1f} s = "
+          f"{100 * out['floor_fraction_cached']:.0f}%; the full forward the peers run ({mflop('flops_full'):.1f} "
+          f"MFLOP/step) {out['floor_full_s']:.1f} s")
     if not args.no_breakdown:
         for task, r in out["tasks"].items():
             b = r["breakdown"]
@@ -644,7 +675,7 @@ def main(argv=None):
             rows[task] = bench_task(task, m.cfg, m.params, st, args, peers=why is None) | {
                 "path": os.path.abspath(path), "peers_skipped": why}
         peers = all(r["peers_skipped"] is None for r in rows.values())
-        out["trained"] = {"models": os.path.abspath(args.models), "tasks": rows} | totals(list(rows.values()), peak, peers)
+        out["trained"] = {"models": os.path.abspath(args.models), "tasks": rows} | totals(list(rows.values()), peers)
         print(f"trained DTs from {args.models}:")
         for task, r in rows.items():
             mc = r["model"]
@@ -653,7 +684,7 @@ def main(argv=None):
                   f"{r['length_mean']:.0f}), mean return {r['return_mean']:.1f} (normalized {r['normalized']:.1f}); "
                   + ("peers run on these weights" if r["peers_skipped"] is None
                      else f"ours only: {r['peers_skipped']}"))
-        print_table(out["trained"], peak, peers)
+        print_table(out["trained"], peers)
     if args.json:
         write_json_atomic(args.json, out, overwrite=False)
     return out

@@ -11,11 +11,13 @@ is counted per shape. For each workload, the exact jitted function the project r
 - `train_h128`, `train_h512`: `mdt_jax.train.make_train_step` on train_step.py's shapes, pool and
   sampler (K=20, batch 64, dropout 0.1, AdamW, clip 0.25), timed as train_step.py times it: a
   fused `lax.scan` of `--steps` steps (`make_train_chunk`) divided by `--steps`;
-- `eval_h128`: `mdt_jax.evaluate.native_policy` (M=1 candidate, as the evaluation loop calls it:
-  params stacked twice once and for all, one computed, host windows in and actions read back to
-  the host; H128 L3 1 head relu, S=11, A=3, K=20) at b = 8, 16, 32, 64 rows, one blocking call
-  per forward (the mean of `--calls` calls); its dots and FLOPs are those of the one forward its
-  loop runs (the loop's trip count is not static);
+- `eval_h128`: `mdt_jax.evaluate.native_step` (M=1 candidate, as the evaluation loop calls it:
+  params stacked twice once and for all, one computed, its token cache donated and carried from
+  call to call, host observations in and actions read back to the host; H128 L3 1 head relu,
+  S=11, A=3, K=20, at step 30, past the ring's wrap) at b = 8, 16, 32, 64 episodes, one blocking
+  call per step (the mean of `--calls` calls); its dots and FLOPs are those of the one
+  `policy_step` its loop runs (the loop's trip count is not static), and XLA's FLOPs of the exact
+  last-token forward on the window (no cache) are printed beside them;
 every `dot_general` of its jaxpr (sub-jaxprs included; a scan body counts its length times) is
 counted by (operand shapes, dtypes, dimension numbers), and each distinct dot is timed alone: a
 jitted `lax.fori_loop` of R of it on random float32 inputs, each repetition adding 1e-20 x the
@@ -181,6 +183,7 @@ class Workload:
     per_call: int = 1
     units: int = 1       # steps or forwards one `run()` executes (a trace's times are divided by it)
     hlo: str = ""        # the optimised HLO of the executable `run()` calls (names its thunks)
+    last_flops: float | None = None  # eval: XLA's FLOPs of the exact last-token forward (no cache)
 
 
 def _init(f, abstract: bool):
@@ -202,32 +205,41 @@ def train_parts(shape: str, hidden=None, layers=None, batch=None, abstract=False
 
 
 def eval_parts(b: int, hidden=None, layers=None, abstract=False):
-    """(cfg, params, window, mask) of one candidate's forward on b rows: random weights and
-    windows, mask all ones; `abstract`: the params' shapes only."""
+    """(cfg, params, cache, obs, rtg) of one candidate's policy step on b episodes: random weights,
+    observations and return-to-go, an empty token cache; `abstract`: the params' shapes only."""
     s = EVAL_SHAPE | {k: v for k, v in (("hidden_size", hidden), ("n_layer", layers)) if v}
-    K = TS.K
-    cfg = DTConfig(state_dim=TS.S, act_dim=TS.A, context_len=K, **s)
+    cfg = DTConfig(state_dim=TS.S, act_dim=TS.A, context_len=TS.K, **s)
     params = _init(lambda: init_params(cfg, jax.random.key(0)), abstract)
     r = np.random.default_rng(0)
-    window = (jnp.asarray(r.normal(size=(b, K, TS.S)), jnp.float32),
-              jnp.asarray(r.uniform(-1, 1, size=(b, K, TS.A)), jnp.float32),
-              jnp.asarray(r.uniform(0, 3.6, size=(b, K, 1)), jnp.float32),
-              jnp.asarray(r.integers(0, 1000, size=(b, K)), jnp.int32))
-    return cfg, params, window, jnp.ones((b, K), jnp.float32)
+    obs = jnp.asarray(r.normal(size=(b, TS.S)), jnp.float32)
+    rtg = jnp.asarray(r.uniform(0, 3.6, size=(b,)), jnp.float32)
+    return cfg, params, ev.TokenCache.zeros(b, cfg), obs, rtg
 
 
-def _forward(cfg: DTConfig):
-    """One candidate's forward: the body `native_policy`'s loop runs once per candidate."""
-    return lambda params, window, mask: apply(cfg, params, *window, mask, None, outputs="last")
+EVAL_T = 30  # the step evaluated: past the ring's first wrap (K = 20), every slot written
 
 
-def _policy_args(cfg: DTConfig, params, window, mask) -> tuple:
-    """`native_policy`'s arguments for one candidate as the evaluation loop (`evaluate._NativeDT`)
-    passes them: the params stacked twice once and for all (on the device), the windows and mask
-    as host arrays, one candidate computed (`n` = 1, `order` [0, 0])."""
+def _step(cfg: DTConfig):
+    """One candidate's policy step: the body `native_step`'s loop runs once per candidate."""
+    return lambda params, cache, obs, rtg: ev.policy_step(cfg, params, cache, jnp.int32(EVAL_T), obs, rtg)
+
+
+def _last_forward_flops(cfg: DTConfig, params, b: int) -> float:
+    """XLA's FLOPs of the exact last-token forward (`apply(..., outputs='last')`) on b windows: the
+    least an exact policy step runs without a cache, the floor `benchmarks/evaluate.py` quotes."""
+    K = cfg.context_len
+    x = (jnp.zeros((b, K, cfg.state_dim)), jnp.zeros((b, K, cfg.act_dim)), jnp.zeros((b, K, 1)),
+         jnp.zeros((b, K), jnp.int32), jnp.ones((b, K)))
+    return xla_flops(jax.jit(lambda p, *a: apply(cfg, p, *a, outputs="last")).lower(params, *x).compile())
+
+
+def _policy_args(cfg: DTConfig, params, cache, obs, rtg) -> tuple:
+    """`native_step`'s arguments for one candidate as the evaluation loop (`evaluate._NativeDT`)
+    passes them: the params stacked twice once and for all (on the device), the caches stacked
+    twice, observations and rtg as host arrays, one candidate computed (`n` = 1, `order` [0, 0])."""
     two = lambda x: np.stack([np.asarray(x)] * 2)
-    return (cfg, False, jax.tree.map(lambda x: jnp.stack([x, x]), params), [two(w) for w in window],
-            np.asarray(mask), None, np.int32(1), np.zeros(2, np.int32))
+    return (cfg, False, jax.tree.map(lambda x: jnp.stack([x, x]), params), jax.tree.map(lambda x: jnp.stack([x, x]), cache),
+            two(obs), two(rtg), np.int32(EVAL_T), None, np.int32(1), np.zeros(2, np.int32))
 
 
 def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
@@ -237,9 +249,9 @@ def train_jaxpr(shape: str, hidden=None, layers=None, batch=None):
 
 
 def eval_jaxpr(b: int, hidden=None, layers=None):
-    """The forward's jaxpr, traced only (nothing compiled)."""
+    """The policy step's jaxpr, traced only (nothing compiled)."""
     cfg, *args = eval_parts(b, hidden, layers, abstract=True)
-    return jax.make_jaxpr(_forward(cfg))(*args)
+    return jax.make_jaxpr(_step(cfg))(*args)
 
 
 def _config(cfg: DTConfig, batch: int) -> dict:
@@ -258,15 +270,21 @@ def train_workload(shape: str, steps: int, hidden=None, layers=None, batch=None)
 
 
 def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
-    """The forward timed one blocking call at a time (the mean of `calls`), as the loop calls it."""
+    """The policy step timed one blocking call at a time (the mean of `calls`), as the loop calls it:
+    the caches donated and carried from call to call, the actions read on the host."""
     cfg, *args = eval_parts(b, hidden, layers)
-    loop_args = _policy_args(cfg, *args)
-    call = lambda: np.asarray(ev.native_policy(*loop_args))  # the loop reads the actions on the host
+    loop_args = list(_policy_args(cfg, *args))
+    hlo = ev.native_step.lower(*loop_args).compile().as_text()  # before the donating calls
+
+    def call():
+        a, loop_args[3] = ev.native_step(*loop_args)
+        np.asarray(a)  # the loop reads the actions on the host
+
     t = time.perf_counter()
-    call()  # before the lowering below, so that the compilation is this call's
+    call()
     cold_s = time.perf_counter() - t
-    jaxpr = jax.make_jaxpr(_forward(cfg))(*args)
-    flops = xla_flops(jax.jit(_forward(cfg)).lower(*args).compile())
+    jaxpr = jax.make_jaxpr(_step(cfg))(*args)
+    flops = xla_flops(jax.jit(_step(cfg)).lower(*args).compile())
 
     def run() -> float:
         t = time.perf_counter()
@@ -274,8 +292,8 @@ def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
             call()
         return (time.perf_counter() - t) / calls
 
-    hlo = ev.native_policy.lower(*loop_args).compile().as_text()
-    return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run, 1, calls, hlo)
+    return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run, 1, calls, hlo,
+                    _last_forward_flops(cfg, args[0], b))
 
 
 # Categories of a thunk (one fusion or op of the compiled program), in the order they are tested.
@@ -402,7 +420,10 @@ def profile(w: Workload, repeats: int, peak: float, dot_s: float, cache: dict) -
             "naive_fraction": naive / measured, "dot_fraction": dot_s_total / measured,
             "rest_fraction": (measured - dot_s_total) / measured,
             "dot_gflops": dot_flops / dot_s_total / 1e9, "measured_gflops": w.xla_flops / measured / 1e9,
-            "distinct_dots": len(rows), "dots_per_call": sum(dots.values()), "dots": rows} | common_keys(
+            "distinct_dots": len(rows), "dots_per_call": sum(dots.values()), "dots": rows,
+            "last_forward_gflop": None if w.last_flops is None else w.last_flops / 1e9,
+            "last_forward_floor_fraction": None if w.last_flops is None else w.last_flops / (peak * 1e9) / measured,
+            } | common_keys(
         warm_s=measured * w.per_call, cold_s=w.cold_s, floor_s=naive * w.per_call)
 
 
@@ -414,6 +435,9 @@ def print_row(name: str, r: dict, top: int) -> None:
     print(f"  naive floor {r['naive_floor_ms']:.3f} ms ({r['naive_fraction']:.2f} of measured); shape-aware dot time "
           f"{r['dot_ms']:.3f} ms ({r['dot_fraction']:.2f}; {r['dot_gflops']:.1f} GFLOP/s); rest {r['rest_ms']:.3f} ms "
           f"({r['rest_fraction']:.2f})")
+    if r.get("last_forward_gflop") is not None:
+        print(f"  the exact last-token forward (no cache) is {r['last_forward_gflop']:.4f} GFLOP: its floor is "
+              f"{r['last_forward_floor_fraction']:.2f} of measured")
     print(f"  {'dot (lhs . rhs, contracting, batch)':48} {'kind':>7} {'n':>3} {'MFLOP':>8} {'ms alone':>9} "
           f"{'GFLOP/s':>8} {'ms total':>9} {'share':>6}")
     for d in r["dots"][:top]:

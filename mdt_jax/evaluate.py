@@ -35,7 +35,7 @@ import numpy as np
 
 from mdt_jax import envs, sharding
 from mdt_jax import trees
-from mdt_jax.models.dt import DTConfig, apply, param_shapes
+from mdt_jax.models.dt import DTConfig, act_cached, apply, param_shapes, step_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,97 +53,75 @@ class TaskStats:
         return cls(norm.state_mean, norm.state_std, float(target_return), norm.rtg_scale)
 
 
-def _xp(x):
-    """The array namespace of a context's arrays: numpy for host ones, jax.numpy otherwise."""
-    return np if isinstance(x, np.ndarray) else jnp
-
-
-def _set(x, index, value):
-    """x with x[index] = value: in place for a NumPy array (the native loop's host buffer), a new
-    array for a JAX one (inside jit)."""
-    if isinstance(x, np.ndarray):
-        x[index] = value
-        return x
-    return x.at[index].set(value)
-
-
 @flax.struct.dataclass
-class Context:
-    """Ring buffer of the last K steps for a batch of episodes; slot t % K holds step t.
+class TokenCache:
+    """The policy state of a batch of episodes: block 0's inputs of the tokens of their last K steps.
 
-    One implementation over an array namespace: the arrays are NumPy (the native executor's host
-    loop, written in place) or JAX (the mjx executor's `lax.scan`, functional); every function
-    below takes either. Batch axes lead (N, or (M, E) for M candidates x E episodes), then K.
+    A ring over K step slots: step t's tokens (rtg, state, action) sit at rows 3 * (t % K) + 0, 1,
+    2. Per token it holds x0, the token at block 0's input (embedding, embed_ln, timestep), and qkv,
+    block 0's q, k, v of it; both are functions of the token alone
+    (`DecisionTransformer.step_tokens`), so each is computed once, when its step is written, and
+    the window's other tokens are read from here instead of being embedded and projected again
+    every step (exact up to float rounding; about 11% of an H128 L3 policy step's FLOPs). The ring
+    is never reordered: `cache_bias` encodes which token sees which. Batch axes lead (N, or (M, E)
+    for M candidates x E episodes). Arrays are JAX arrays: on the device across the native loop's
+    steps, the carry of the mjx executor's `lax.scan`.
     """
 
-    states: jax.Array     # (*batch, K, S) normalised
-    actions: jax.Array    # (*batch, K, A)
-    rtg: jax.Array        # (*batch, K, 1) scaled
-    timesteps: jax.Array  # (*batch, K) int32
+    x0: jax.Array   # (*batch, 3K, H)
+    qkv: jax.Array  # (*batch, 3K, 3H)
 
     @classmethod
-    def zeros(cls, n: int | tuple[int, ...], K: int, state_dim: int, act_dim: int, xp=jnp) -> "Context":
-        """An empty context for batch shape `n` in namespace `xp` (numpy or jax.numpy)."""
-        n = (n,) if isinstance(n, (int, np.integer)) else tuple(n)
-        z = lambda *s: xp.zeros(n + (K,) + s, xp.float32)
-        return cls(z(state_dim), z(act_dim), z(1), xp.zeros(n + (K,), xp.int32))
+    def zeros(cls, batch: int | tuple[int, ...], cfg: DTConfig) -> "TokenCache":
+        """An empty cache (slots never written are masked by `cache_bias`)."""
+        batch = (batch,) if isinstance(batch, (int, np.integer)) else tuple(batch)
+        T, H = 3 * cfg.context_len, cfg.hidden_size
+        return cls(jnp.zeros(batch + (T, H), jnp.float32), jnp.zeros(batch + (T, 3 * H), jnp.float32))
 
 
-def _rows(ctx: Context, rows):
-    """The index of the batch axes: `rows` (an index tuple over them, e.g. a gather of the live
-    episodes) or all of them."""
-    return (slice(None),) * (ctx.timesteps.ndim - 1) if rows is None else tuple(rows)
+def cache_bias(t, K: int) -> jax.Array:
+    """The additive attention mask (1, 1, 3K, 3K) of a `TokenCache` at step t: slot i holds step
+    t - ((t - i) mod K), written once that is >= 0; a token sees the written tokens of earlier
+    steps and those of its own step up to itself (rtg, state, action), as the causal mask of the
+    time-ordered window with its left padding masked."""
+    step = jnp.repeat(t - (t - jnp.arange(K)) % K, 3)
+    kind = jnp.tile(jnp.arange(3), K)
+    seen = (step[None, :] >= 0) & ((step[None, :] < step[:, None])
+                                   | ((step[None, :] == step[:, None]) & (kind[None, :] <= kind[:, None])))
+    return jnp.where(seen, 0.0, jnp.finfo(jnp.float32).min)[None, None]
 
 
-def context_write(ctx: Context, t, obs_norm, rtg, max_ep_len: int) -> Context:
-    """Write step t into slot t % K: its normalised state (*batch, <= S) (entries past its width
-    stay 0), scaled rtg (*batch,), timestep min(t, max_ep_len - 1), and a zero action (the
-    one to be predicted)."""
-    xp = _xp(ctx.timesteps)
-    slot = t % ctx.timesteps.shape[-1]
-    r = _rows(ctx, None) + (slot,)
-    return ctx.replace(states=_set(ctx.states, r + (slice(None, obs_norm.shape[-1]),), obs_norm),
-                       actions=_set(ctx.actions, r, 0.0),
-                       rtg=_set(ctx.rtg, r + (0,), rtg),
-                       timesteps=_set(ctx.timesteps, r, xp.minimum(t, max_ep_len - 1)))
+def policy_step(cfg: DTConfig, params, cache: TokenCache, t, obs_norm, rtg, task_id=None, index=None):
+    """Write step t (state, rtg, timestep; a zero action until it is predicted), predict its
+    action from the last K steps, store the action's token. Returns (actions (N, A), cache).
 
-
-def context_set_action(ctx: Context, t, action, rows=None) -> Context:
-    """Store step t's predicted action (*rows, A) in slot t % K (of the episodes `rows` picks)."""
-    return ctx.replace(actions=_set(ctx.actions, _rows(ctx, rows) + (t % ctx.timesteps.shape[-1],), action))
-
-
-def context_view(ctx: Context, t, rows=None) -> tuple[jax.Array, ...]:
-    """(states, actions, rtg, timesteps, mask) oldest-first as of step t, zero-padded on the left:
-    window position j holds slot (t + 1 + j) % K, valid (mask 1) for the last min(t + 1, K)
-    positions. `rows` (an index tuple over the batch axes) gathers some episodes in the same pass."""
-    xp = _xp(ctx.timesteps)
-    K = ctx.timesteps.shape[-1]
-    order = (t + 1 + xp.arange(K)) % K
-    valid = xp.arange(K) >= K - 1 - xp.minimum(t, K - 1)
-    index = _rows(ctx, rows) + (order,)
-    # a concrete all-valid mask (t >= K - 1 on the host) needs no padding pass
-    pad = not (isinstance(valid, np.ndarray) and valid.all())
-
-    def pick(x):
-        w = x[index]
-        nb = w.ndim - x.ndim + ctx.timesteps.ndim - 1  # the batch axes of the window
-        return xp.where(valid.reshape((1,) * nb + (K,) + (1,) * (w.ndim - nb - 1)), w, 0) if pad else w
-
-    ts = pick(ctx.timesteps)
-    return pick(ctx.states), pick(ctx.actions), pick(ctx.rtg), ts, \
-        xp.broadcast_to(valid.astype(xp.float32), ts.shape)
-
-
-def policy_step(cfg: DTConfig, params, ctx: Context, t, obs_norm, rtg, task_id=None):
-    """Write step t (state, rtg, timestep, zero action), predict its action, store it.
-
-    obs_norm (N, S) is already normalised; rtg (N,) is scaled. Returns (actions (N, A), ctx).
+    obs_norm (N', <= S) is already normalised (entries past its width are 0) and rtg (N',) scaled,
+    for N' >= N, the cache's rows: the new tokens are computed for all N' rows and the first N are
+    written, so that their bits do not depend on N (XLA:CPU's dots round differently at different
+    row counts) when the native loop shrinks the cache to the episodes still running. With `index`
+    (traced), `cache` holds several candidates' caches on a leading axis and the step reads and
+    writes candidate `index`'s in place. The action equals `apply(..., outputs='last')` on the
+    time-ordered window of the last K steps, zero-padded on the left, up to float rounding (tested).
     """
-    ctx = context_write(ctx, t, obs_norm, rtg, cfg.max_ep_len)
-    s, a, r, tt, m = context_view(ctx, t)
-    action = apply(cfg, params, s, a, r, tt, m, task_id, outputs="last")
-    return action, context_set_action(ctx, t, action)
+    K = cfg.context_len
+    N, n = cache.x0.shape[0 if index is None else 1], obs_norm.shape[0]
+    slot = t % K
+    states = jnp.zeros((n, 1, cfg.state_dim), jnp.float32).at[:, 0, :obs_norm.shape[-1]].set(obs_norm)
+    rtg = jnp.asarray(rtg, jnp.float32).reshape(n, 1, 1)
+    ts = jnp.full((n, 1), jnp.minimum(t, cfg.max_ep_len - 1), jnp.int32)
+
+    def write(cache, actions, kinds):
+        new = step_tokens(cfg, params, states, actions, rtg, ts, task_id)
+        at = (0, 3 * slot + kinds.start, 0) if index is None else (index, 0, 3 * slot + kinds.start, 0)
+        lead = () if index is None else (None,)
+        return jax.tree.map(lambda c, v: jax.lax.dynamic_update_slice(c, v[lead + (slice(0, N), kinds)], at),
+                            cache, TokenCache(*new))
+
+    cache = write(cache, jnp.zeros((n, 1, cfg.act_dim), jnp.float32), slice(0, 3))
+    mine = cache if index is None else jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
+    action = act_cached(cfg, params, mine.x0, mine.qkv, cache_bias(t, K), 3 * slot + 1, task_id)
+    full = jnp.zeros((n, 1, cfg.act_dim), jnp.float32).at[:N, 0].set(action)
+    return action, write(cache, full, slice(2, 3))
 
 
 @dataclasses.dataclass
@@ -361,12 +339,14 @@ def bucket(n: int, cap: int) -> int:
     return min(cap, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def native_policy(cfg, vmapped, params, window, mask, task_id, n=None, order=None):
-    """Actions (W, b, A) for windows (W, b, K, ...) (oldest-first, as `context_view` gives them)
-    and the shared mask (b, K): row i is candidate `order[i]`'s (default i) for i < `n` (default
-    W), zeros past it. `n` and `order` are traced, so the candidates that still have live episodes
-    run, first, without a new compilation; a stack of one is padded to two (`_NativeDT`).
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def native_step(cfg, vmapped, params, cache: TokenCache, obs, rtg, t, task_id, n=None, order=None):
+    """One policy step of the native loop: (actions (W, b, A), cache) for the stacked candidates'
+    params (W, ...), their caches (W, b, 3K, ...) (donated), their normalised obs (W, E, S) and
+    scaled rtg (W, E) (E >= b rows, `policy_step`). Row m is candidate m's; with `n` and `order`
+    (traced, so nothing recompiles as candidates finish) only candidates order[:n] run, and the
+    other rows' actions are zeros and their caches stale. A stack of one is padded to two
+    (`_NativeDT`).
 
     One candidate at a time, in a loop whose trip count and indices XLA cannot see, over stacks of
     at least two: XLA:CPU runs vmap's batched (M, rows, in) x (M, in, out) dots ~1.5x slower than
@@ -376,32 +356,43 @@ def native_policy(cfg, vmapped, params, window, mask, task_id, n=None, order=Non
     one call and each gets what it gets alone. `vmapped` (candidates sharded over devices) keeps
     the vmap so that the candidate axis stays split.
     """
-    def one(p, s, a, r, tt):
-        return apply(cfg, p, s, a, r, tt, mask, task_id, outputs="last")
-
+    step = lambda p, c, o, r: policy_step(cfg, p, c, t, o, r, task_id)
     if vmapped:
-        return jax.vmap(one)(params, *window)
-    W = window[0].shape[0]
+        return jax.vmap(step)(params, cache, obs, rtg)
+    W = obs.shape[0]
     if W < 2 or jax.tree.leaves(params)[0].shape[0] < 2:
-        raise ValueError("native_policy: stack one candidate twice (see _NativeDT) and pass n=1")
+        raise ValueError("native_step: stack one candidate twice (see _NativeDT) and pass n=1")
     order = jnp.arange(W, dtype=jnp.int32) if order is None else order
     take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-    out = jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], params), *(w[0] for w in window)))
 
-    def body(i, acc):
-        y = one(jax.tree.map(lambda x: take(x, order[i]), params), *(take(w, i) for w in window))
-        return jax.lax.dynamic_update_index_in_dim(acc, y, i, 0)
+    def body(i, carry):
+        acts, cache = carry
+        m = order[i]
+        a, cache = policy_step(cfg, jax.tree.map(lambda x: take(x, m), params), cache, t, take(obs, m), take(rtg, m),
+                               task_id, index=m)
+        return jax.lax.dynamic_update_index_in_dim(acts, a, m, 0), cache
 
-    return jax.lax.fori_loop(0, W if n is None else n, body, jnp.zeros((W,) + out.shape, out.dtype))
+    acts = jnp.zeros((W, cache.x0.shape[1], cfg.act_dim), jnp.float32)
+    return jax.lax.fori_loop(0, W if n is None else n, body, (acts, cache))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _take_rows(cache: TokenCache, rows) -> TokenCache:
+    """cache[m, rows[m]] for every candidate m: rows (W, b') (a new episode order, and bucket)."""
+    return jax.tree.map(lambda x: jax.vmap(lambda c, r: c[r])(x, rows), cache)
 
 
 class _NativeDT:
     """M candidates' DT as an `envs.EpisodePolicy` over M x E env slots (slot m * E + e is
-    candidate m's episode e): a host `Context` (M, E) and return-to-go per episode; each step
-    writes every episode's step t, then runs the policy on the candidates that have live episodes
-    (a candidate whose episodes all ended costs nothing more) and, for each, on its live episodes
-    only, gathered first (padded with finished ones) into a power-of-two bucket so that the shapes
-    (and compilations) stay few as episodes end. A finished episode keeps its last action."""
+    candidate m's episode e).
+
+    The policy state is a `TokenCache` per episode, kept on the device and updated there by one
+    jitted `native_step` per loop step; the host sends the step's observations (normalised) and
+    return-to-go, and reads the actions back. Each candidate's cache rows hold its live episodes
+    first (`perm`: the episode in each row); when episodes end, the rows are reordered once on the
+    device and cut to the power-of-two bucket of the most live episodes of any candidate, so that
+    a step runs on the live episodes only and the shapes (and compilations) stay few. A candidate
+    whose episodes all ended costs nothing more. A finished episode keeps its last action."""
 
     def __init__(self, cfg: DTConfig, params, M: int, task: envs.Task, tid, stats: TaskStats, E: int, shard):
         self.cfg, self.params, self.M, self.E, self.task, self.shard = cfg, params, M, E, task, shard
@@ -409,40 +400,56 @@ class _NativeDT:
         self.mean, self.std = np.asarray(stats.state_mean, np.float32), np.asarray(stats.state_std, np.float32)
         self.rtg0, self.scale = stats.target_return / stats.rtg_scale, stats.rtg_scale
         self.cand = np.arange(M)[:, None]
-        # one candidate runs as a stack of two, its copy never computed (`native_policy`)
-        if M == 1 and not shard:
+        # one candidate runs as a stack of two, its copy never computed (`native_step`)
+        self.W = M if shard else max(M, 2)
+        if self.W > M:
             self.params = jax.tree.map(lambda x: jnp.concatenate([x, x]), params)
 
+    def _put(self, x):
+        """A host array (M, ...) as the step's input: padded to the stack, or split over devices."""
+        if self.W > self.M:
+            x = np.concatenate([x, x[:self.W - self.M]])
+        return jax.device_put(x, self.shard) if self.shard else x
+
     def reset(self, n: int) -> None:
-        M, E, cfg = self.M, self.E, self.cfg
-        self.ctx = Context.zeros((M, E), cfg.context_len, cfg.state_dim, cfg.act_dim, xp=np)
+        M, E = self.M, self.E
+        self.perm = np.tile(np.arange(E), (M, 1))  # the episode held by each cache row
+        self.n_live = np.full(M, E)
+        cache = TokenCache.zeros((self.W, E), self.cfg)
+        self.cache = jax.device_put(cache, self.shard) if self.shard else cache
         self.rtg = np.full((M, E), self.rtg0, np.float32)
         self.actions = np.zeros((M, E, self.task.act_dim))
 
+    def _compact(self, live: np.ndarray, n_live: np.ndarray) -> None:
+        """Reorder every candidate's rows so that its live episodes come first (in their order),
+        and cut the cache to the bucket of the most live episodes."""
+        b_old, b = self.cache.x0.shape[1], bucket(int(n_live.max()), self.E)
+        rows = np.argsort(~live[self.cand, self.perm], axis=1, kind="stable")  # live rows first
+        self.perm = self.perm[self.cand, rows]
+        self.cache = _take_rows(self.cache, self._put(np.minimum(rows[:, :b], b_old - 1).astype(np.int32)))
+        self.n_live = n_live
+
     def __call__(self, obs, t, live):
-        M, E, cand = self.M, self.E, self.cand
-        live = live.reshape(M, E)
+        M, cand = self.M, self.cand
+        live = live.reshape(M, self.E)
         n_live = live.sum(1)
-        b = bucket(int(n_live.max()), E)
-        idx = np.argsort(~live, axis=1, kind="stable")[:, :b]  # per candidate: its live episodes first
-        self.ctx = context_write(self.ctx, t, (obs.reshape(M, E, -1) - self.mean) / self.std, self.rtg,
-                                 self.cfg.max_ep_len)
+        if (n_live != self.n_live).any():
+            self._compact(live, n_live)
+        obs = ((obs.reshape(M, self.E, -1)[cand, self.perm] - self.mean) / self.std).astype(np.float32)
+        rtg = self.rtg[cand, self.perm]
         if self.shard:  # every candidate, vmapped over the devices
-            *window, mask = context_view(self.ctx, t, rows=(cand[..., None], idx[..., None]))
-            a = np.asarray(native_policy(self.cfg, True, self.params, jax.device_put(window, self.shard), mask[0],
-                                         self.tid))
             run = np.arange(M)
+            a, self.cache = native_step(self.cfg, True, self.params, self.cache, self._put(obs), self._put(rtg),
+                                        np.int32(t), self.tid)
         else:  # the candidates with live episodes first; a stack of one padded to two
             run = np.flatnonzero(n_live > 0)
-            order = np.concatenate([run, np.flatnonzero(n_live == 0), np.zeros(int(M == 1), np.int64)])
-            *window, mask = context_view(self.ctx, t, rows=(order[:, None, None], idx[order][..., None]))
-            a = np.asarray(native_policy(self.cfg, False, self.params, window, mask[0], self.tid,
-                                         np.int32(len(run)), order.astype(np.int32)))
-        a = a[:len(run)]
-        self.ctx = context_set_action(self.ctx, t, a, rows=(run[:, None], idx[run]))
-        rows = np.nonzero(np.arange(b)[None] < n_live[run][:, None])
-        self.actions[run[rows[0]], idx[run][rows]] = a[..., :self.task.act_dim][rows]
-        return self.actions.reshape(M * E, -1)
+            order = np.concatenate([run, np.flatnonzero(n_live == 0), np.zeros(self.W - M, np.int64)])
+            a, self.cache = native_step(self.cfg, False, self.params, self.cache, self._put(obs), self._put(rtg),
+                                        np.int32(t), self.tid, np.int32(len(run)), order.astype(np.int32))
+        a = np.asarray(a)[run]
+        rows = np.nonzero(np.arange(a.shape[1])[None] < n_live[run][:, None])
+        self.actions[run[rows[0]], self.perm[run][rows]] = a[..., :self.task.act_dim][rows]
+        return self.actions.reshape(M * self.E, -1)
 
     def observe(self, reward) -> None:
         self.rtg = self.rtg - (reward.reshape(self.M, self.E) / self.scale).astype(np.float32)
@@ -468,30 +475,28 @@ def _evaluate_mjx(cfg, params, M, task, tid, stats: TaskStats, episodes, max_ste
     from mdt_jax.envs.mjx import MjxEnv
 
     env = MjxEnv(task)
-    E, K = episodes, cfg.context_len
+    E = episodes
     mean, std = jnp.asarray(stats.state_mean, jnp.float32), jnp.asarray(stats.state_std, jnp.float32)
-    pad_s = cfg.state_dim - task.obs_dim
 
     def episode(p, starts):  # one candidate's episodes from starts = (qpos, qvel), each (E, ...)
         E = starts[0].shape[0]
         st = jax.vmap(env.init_state)(*starts)
-        ctx = Context.zeros(E, K, cfg.state_dim, cfg.act_dim)
+        cache = TokenCache.zeros(E, cfg)
         rtg0 = jnp.full((E,), stats.target_return / stats.rtg_scale, jnp.float32)
         zeros = jnp.zeros((E,))
 
         def body(carry, t):
-            st, ctx, rtg, done, ret, length, nan = carry
-            o = jnp.pad((st.obs - mean) / std, ((0, 0), (0, pad_s)))
-            a, ctx = policy_step(cfg, p, ctx, t, o, rtg, tid)
+            st, cache, rtg, done, ret, length, nan = carry
+            a, cache = policy_step(cfg, p, cache, t, (st.obs - mean) / std, rtg, tid)
             st = jax.vmap(env.step)(st, a[:, :task.act_dim])
             live = ~done
             ret = ret + jnp.where(live, st.reward, 0.0)
             length = length + live
             nan = nan + (live & st.info["nan_action"])
             done = done | (st.done > 0)
-            return (st, ctx, rtg - st.reward / stats.rtg_scale, done, ret, length, nan), None
+            return (st, cache, rtg - st.reward / stats.rtg_scale, done, ret, length, nan), None
 
-        init = (st, ctx, rtg0, jnp.zeros((E,), bool), zeros, zeros.astype(jnp.int32), zeros.astype(jnp.int32))
+        init = (st, cache, rtg0, jnp.zeros((E,), bool), zeros, zeros.astype(jnp.int32), zeros.astype(jnp.int32))
         (_, _, _, _, ret, length, nan), _ = jax.lax.scan(body, init, jnp.arange(max_steps))
         return ret, length, nan
 

@@ -44,11 +44,11 @@ def _toy_one(p, starts):
     """(E,) returns of one candidate's DT policy in a toy linear env from starts (E, S): the shape
     of the mjx executor's program (a lax.scan of policy steps), compiled in a fraction of its time."""
     def body(carry, t):
-        ctx, s = carry
-        a, ctx = ev.policy_step(CFG, p, ctx, t, s, jnp.ones(s.shape[0]))
-        return (ctx, 0.9 * s + jnp.pad(a, ((0, 0), (0, 8)))), jnp.sum(a, -1)
-    ctx = ev.Context.zeros(starts.shape[0], CFG.context_len, CFG.state_dim, CFG.act_dim)
-    return jnp.sum(jax.lax.scan(body, (ctx, starts), jnp.arange(8))[1], 0)
+        cache, s = carry
+        a, cache = ev.policy_step(CFG, p, cache, t, s, jnp.ones(s.shape[0]))
+        return (cache, 0.9 * s + jnp.pad(a, ((0, 0), (0, 8)))), jnp.sum(a, -1)
+    cache = ev.TokenCache.zeros(starts.shape[0], CFG)
+    return jnp.sum(jax.lax.scan(body, (cache, starts), jnp.arange(8))[1], 0)
 
 
 _toy_rollouts = jax.vmap(_toy_one, in_axes=(0, None))  # every candidate from the same starts

@@ -25,64 +25,85 @@ def stats(dim=11, target=3600.0):
     return ev.TaskStats(np.zeros(dim, np.float32), np.ones(dim, np.float32), target)
 
 
-def test_ring_buffer_view_matches_growing_history():
-    K, S, A = 4, 2, 1
-    ctx = ev.Context.zeros(1, K, S, A)
-    hist = []
-    for t in range(9):
-        obs = jnp.full((1, S), float(t + 1))
-        hist.append(t + 1)
-        ctx = ctx.replace(states=ctx.states.at[:, t % K].set(obs), timesteps=ctx.timesteps.at[:, t % K].set(t))
-        s, _, _, ts, m = ev.context_view(ctx, t)
-        want = hist[-K:]
-        L = len(want)
-        np.testing.assert_array_equal(np.asarray(s)[0, :, 0], [0.0] * (K - L) + want)
-        np.testing.assert_array_equal(np.asarray(m)[0], [0] * (K - L) + [1] * L)
-        np.testing.assert_array_equal(np.asarray(ts)[0], [0] * (K - L) + list(range(t + 1 - L, t + 1)))
+def _window_actions(cfg, p, obs, rtg, steps, task_id=None):
+    """The reference's protocol step by step: at step t, `apply(..., outputs='last')` on the
+    time-ordered window of the last K steps (states, the actions predicted so far, rtg,
+    timesteps clipped at max_ep_len - 1), zero-padded on the left and masked."""
+    N, K = obs.shape[1], cfg.context_len
+    s, a, r = [], [], []
+    out = []
+    for t in range(steps):
+        s.append(np.pad(obs[t], ((0, 0), (0, cfg.state_dim - obs.shape[-1]))))
+        a.append(np.zeros((N, cfg.act_dim), np.float32))
+        r.append(rtg[t])
+        L = min(t + 1, K)
+        pad = lambda x: np.concatenate([np.zeros((N, K - L) + x.shape[2:], np.float32), x], 1)
+        ts = np.minimum(np.arange(t + 1 - L, t + 1), cfg.max_ep_len - 1)
+        act = apply(cfg, p, pad(np.stack(s[-L:], 1)), pad(np.stack(a[-L:], 1)), pad(np.stack(r[-L:], 1)[..., None]),
+                    np.concatenate([np.zeros(K - L), ts])[None].repeat(N, 0).astype(np.int32),
+                    np.concatenate([np.zeros(K - L), np.ones(L)])[None].repeat(N, 0).astype(np.float32),
+                    task_id, outputs="last")
+        a[-1] = np.asarray(act)
+        out.append(a[-1])
+    return np.stack(out)
 
 
-def test_ring_buffer_is_one_implementation_over_numpy_and_jax():
-    """The native loop's host Context (NumPy, written in place) and the mjx path's (JAX, in jit)
-    hold and view the same bits; a gather of some episodes (`rows`) is the full view's rows."""
-    (M, E), K, S, A = (2, 3), 4, 5, 2
+@pytest.mark.parametrize("kw", [dict(), dict(timestep_embedding="before_ln"), dict(n_layer=1),
+                                dict(n_head=2, activation="gelu_new", max_ep_len=6), "multi"])
+def test_cached_policy_step_equals_the_full_forward_on_the_window(kw):
+    """The token cache (block 0's inputs per token, a ring never reordered, the order in the mask)
+    gives the action the full forward gives on the time-ordered window, step after step, past the
+    ring's wrap (t >= K) and the timestep clip (max_ep_len 6), for both timestep orders, one and
+    several layers and heads, and a multi-task model routed to a narrower task."""
+    if kw == "multi":
+        cfg = DTConfig.multi_task([("hopper", 11, 3), ("walker2d", 17, 6)], **SMALL)
+        width, tid = 11, 0
+    else:
+        cfg, width, tid = DTConfig(state_dim=11, act_dim=3, **(SMALL | kw)), 11, None
+    p = init_params(cfg, jax.random.key(1))
     r = np.random.default_rng(0)
-    host = ev.Context.zeros((M, E), K, S, A, xp=np)
-    dev = ev.Context.zeros((M, E), K, S, A)
-    assert isinstance(host.states, np.ndarray) and isinstance(dev.states, jax.Array)
-    write = jax.jit(ev.context_write, static_argnums=4)
-    view, view_rows = jax.jit(ev.context_view), jax.jit(ev.context_view)
-    for t in range(9):
-        obs, rtg = r.normal(size=(M, E, S - 1)), r.normal(size=(M, E)).astype(np.float32)
-        host = ev.context_write(host, t, obs, rtg, 6)  # float64 states cast on the write, as the loop does
-        dev = write(dev, t, jnp.asarray(obs, jnp.float32), rtg, 6)
-        cand, idx = np.arange(M)[:, None], np.stack([r.permutation(E)[:2] for _ in range(M)])
-        a = r.normal(size=(M, 2, A)).astype(np.float32)
-        host = ev.context_set_action(host, t, a, rows=(cand, idx))
-        dev = jax.jit(ev.context_set_action)(dev, t, a, rows=(cand, idx))
-        for h, d in zip(jax.tree.leaves(host), jax.tree.leaves(dev)):
-            np.testing.assert_array_equal(h, d)
-        full = ev.context_view(host, t)
-        for h, d in zip(full, view(dev, t)):
-            np.testing.assert_array_equal(h, d)
-        for h, d, f in zip(ev.context_view(host, t, rows=(cand[..., None], idx[..., None])),
-                           view_rows(dev, t, rows=(cand[..., None], idx[..., None])), full):
-            np.testing.assert_array_equal(h, d)
-            np.testing.assert_array_equal(h, f[cand, idx])
-    assert host.timesteps.max() == 5  # clipped at max_ep_len - 1
-    np.testing.assert_array_equal(full[-1][0, 0], np.ones(K))
+    steps, N = 13, 4
+    obs = r.normal(size=(steps, N, width)).astype(np.float32)
+    rtg = r.normal(size=(steps, N)).astype(np.float32)
+    step = jax.jit(lambda c, t, o, rt: ev.policy_step(cfg, p, c, t, o, rt, tid))
+    cache, got = ev.TokenCache.zeros(N, cfg), []
+    for t in range(steps):
+        a, cache = step(cache, t, obs[t], rtg[t])
+        got.append(np.asarray(a))
+    np.testing.assert_allclose(np.stack(got), _window_actions(cfg, p, obs, rtg, steps, tid), atol=2e-6)
 
 
-def test_policy_step_equals_full_forward_on_the_window():
+def test_cache_rows_fewer_than_the_observations_and_nan_rows_stay_local():
+    """A cache of N rows fed N' > N observations writes the first N, with the actions of a cache
+    of exactly N rows up to float rounding; a row whose observation is NaN poisons only itself."""
     cfg, p = hopper_model()
-    r = np.random.default_rng(0)
-    ctx = ev.Context.zeros(3, cfg.context_len, 11, 3)
-    for t in range(7):
-        obs, rtg = jnp.asarray(r.normal(size=(3, 11)), jnp.float32), jnp.asarray(r.normal(size=3), jnp.float32)
-        a, ctx = ev.policy_step(cfg, p, ctx, t, obs, rtg)
-        s, acts, rr, ts, m = ev.context_view(ctx, t)
-        full = apply(cfg, p, s, acts.at[:, -1].set(0.0), rr, ts, m)[:, -1]
-        np.testing.assert_allclose(a, full, atol=1e-6)
-        np.testing.assert_allclose(acts[:, -1], a, atol=0)
+    r = np.random.default_rng(1)
+    obs = r.normal(size=(8, 6, 11)).astype(np.float32)
+    obs[3, 2] = np.nan
+    rtg = r.normal(size=(8, 6)).astype(np.float32)
+    step = jax.jit(lambda c, t, o, rt: ev.policy_step(cfg, p, c, t, o, rt))
+    wide, narrow = ev.TokenCache.zeros(4, cfg), ev.TokenCache.zeros(4, cfg)
+    for t in range(8):
+        a_wide, wide = step(wide, t, obs[t], rtg[t])
+        a_narrow, narrow = step(narrow, t, obs[t, :4], rtg[t, :4])
+        assert a_wide.shape == (4, 3)
+        np.testing.assert_allclose(a_wide, a_narrow, atol=2e-6)
+        assert np.isfinite(np.delete(np.asarray(a_wide), 2, 0)).all()
+        assert (t < 3) == bool(np.isfinite(a_wide[2]).all())
+
+
+def test_cache_bias_is_the_causal_mask_of_the_window_in_ring_order():
+    """Token (slot i, kind a) sees token (slot j, kind b) iff slot j holds a written step that is
+    earlier, or the same step and b <= a: the time-ordered causal mask with left padding, read
+    through the ring's slot order."""
+    K = 4
+    for t in range(10):
+        seen = np.asarray(ev.cache_bias(t, K))[0, 0] == 0
+        step = {i: t - (t - i) % K for i in range(K)}
+        want = np.array([[step[j // 3] >= 0 and (step[j // 3] < step[i // 3] or (i // 3 == j // 3 and j % 3 <= i % 3))
+                          for j in range(3 * K)] for i in range(3 * K)])
+        np.testing.assert_array_equal(seen, want)
+        assert seen[3 * (t % K) + 1].sum() == 3 * min(t, K - 1) + 2  # the query: all earlier tokens, its rtg, itself
 
 
 def test_batched_equals_sequential_on_same_reset_states():

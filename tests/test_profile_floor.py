@@ -32,9 +32,15 @@ def block_flops(B, H, T, rows):
 
 
 def eval_hand(b, H, L):
-    """`outputs='last'`: 3K-1 tokens, the last block for the last state token, the action head."""
-    T = 3 * K - 1
-    return embed_flops(b, H) + (L - 1) * block_flops(b, H, T, T) + block_flops(b, H, T, 1) + 2 * b * H * A
+    """`evaluate.policy_step`: the step's 3 tokens embedded and projected by block 0's c_attn twice
+    (before and after the action), block 0 from the cache on the ring's 3K tokens (no q, k, v
+    projection), the last block for the state token, the action head."""
+    T = 3 * K
+    tokens = 2 * (2 * b * H * (S + A + 1) + 2 * b * 3 * H * 3 * H)
+    if L == 1:  # block 0 is the last: its q, k and v all come from the cache
+        return tokens + block_flops(b, H, T, 1) - b * (2 * H * H + 2 * T * H * 2 * H) + 2 * b * H * A
+    block0 = block_flops(b, H, T, T) - 2 * b * T * H * 3 * H
+    return tokens + block0 + (L - 2) * block_flops(b, H, T, T) + block_flops(b, H, T, 1) + 2 * b * H * A
 
 
 def train_hand(B, H, L):

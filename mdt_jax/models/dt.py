@@ -245,19 +245,33 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * (2 ** 32 / (2 ** 32 - thr)), 0.0).astype(x.dtype)
 
 
+def _rows(x, rows, axis: int):
+    """x's rows `rows` along `axis`: a static slice, or one row at a traced index (kept as an axis
+    of size 1)."""
+    if isinstance(rows, slice):
+        return x[(slice(None),) * (axis % x.ndim) + (rows,)]
+    return jax.lax.dynamic_slice_in_dim(x, rows, 1, axis=axis)
+
+
 class Block(nn.Module):
-    """GPT-2 pre-LN block. With `query_rows`, only those token rows are updated (the keys and
-    values still come from every token): the output equals the full block's at those rows."""
+    """GPT-2 pre-LN block. With `query_rows` (a static slice, or one row at a traced index), only
+    those token rows are updated (the keys and values still come from every token): the output
+    equals the full block's at those rows. `qkv_only` returns the attention's q, k, v projection of
+    ln_1(x) (B, T, 3H); `qkv` given instead takes the q, k, v from it (x is still the block's input,
+    the residual): block 0's are a function of each token alone, so an evaluation caches them."""
 
     cfg: DTConfig
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic: bool, query_rows: slice | None = None):
+    def __call__(self, x, bias, *, deterministic: bool, query_rows=None, qkv=None, qkv_only: bool = False):
         cfg = self.cfg
         drop = lambda y: Dropout(cfg.dropout)(y, deterministic=deterministic)
-        h = layer_norm(cfg, "ln_1")(x)
-        a = _Attention(cfg, name="attn")(h, bias, deterministic=deterministic, query_rows=query_rows)
-        x = (x if query_rows is None else x[:, query_rows]) + drop(a)
+        attn = _Attention(cfg, name="attn")
+        h = layer_norm(cfg, "ln_1")(x) if qkv is None else None
+        if qkv_only:
+            return attn(h, None, deterministic=True, query_rows=None, qkv_only=True)
+        a = attn(h, bias, deterministic=deterministic, query_rows=query_rows, qkv=qkv)
+        x = (x if query_rows is None else _rows(x, query_rows, 1)) + drop(a)
         return x + drop(_MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(x)))
 
 
@@ -265,18 +279,25 @@ class _Attention(nn.Module):
     cfg: DTConfig
 
     @nn.compact
-    def __call__(self, h, bias, *, deterministic: bool, query_rows: slice | None):
+    def __call__(self, h, bias, *, deterministic: bool, query_rows, qkv=None, qkv_only: bool = False):
         cfg = self.cfg
         H, nh = cfg.hidden_size, cfg.n_head
         hd = H // nh
-        B, T, _ = h.shape
         c_attn = Linear(3 * H, name="c_attn")
-        if query_rows is None:
+        if qkv_only:
+            return c_attn(h)
+        if qkv is not None:  # given (block 0's, cached per token)
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+            if query_rows is not None:
+                q = _rows(q, query_rows, 1)
+        elif query_rows is None:
             q, k, v = jnp.split(c_attn(h), 3, axis=-1)
         else:
-            q = c_attn(h[:, query_rows], cols=slice(0, H))
+            q = c_attn(_rows(h, query_rows, 1), cols=slice(0, H))
             k, v = jnp.split(c_attn(h, cols=slice(H, 3 * H)), 2, axis=-1)
-            bias = bias[:, :, query_rows]
+        if query_rows is not None:
+            bias = _rows(bias, query_rows, 2)
+        B = k.shape[0]
         heads = lambda y: y.reshape(B, y.shape[1], nh, hd)
         q, k, v = heads(q), heads(k), heads(v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(hd)) + bias
@@ -382,16 +403,50 @@ class DecisionTransformer(nn.Module):
             out = jnp.where(sel, y, out)
         return out
 
+    def _task_ids(self, task_id, B: int):
+        """task_id as (B,) int32 (one task for the whole batch is broadcast here, not by every
+        caller); None for a single-task model."""
+        if self.cfg.multi and task_id is None:
+            raise ValueError("multi-task DT needs task_id: an int, or (B,) ints")
+        if task_id is None:
+            return None
+        if jnp.ndim(task_id) not in (0, 1) or (jnp.ndim(task_id) == 1 and jnp.shape(task_id)[0] != B):
+            raise ValueError(f"task_id: expected an int or shape ({B},), got shape {jnp.shape(task_id)}")
+        return jnp.broadcast_to(jnp.asarray(task_id, jnp.int32), (B,))
+
+    def step_tokens(self, states, actions, rtg, timesteps, task_id=None):
+        """The tokens of steps (B, n, ...) at block 0's input, x0 (B, 3n, H) (rtg, state, action
+        per step, as `__call__` embeds them, dropout off), and their block-0 q, k, v (B, 3n, 3H).
+        Both are functions of each token alone (its own embedding, embed_ln, timestep, ln_1 and
+        c_attn), so an evaluation computes them once per token and caches them (`act_cached`)."""
+        task_id = self._task_ids(task_id, states.shape[0])
+        time_emb = self.embed_timestep(timesteps)
+        x = self._select([io.embed(states, actions, rtg, time_emb) for io in self._ios()], task_id)
+        return x, self.blocks[0](x, None, deterministic=True, qkv_only=True)
+
+    def act_cached(self, x0, qkv, bias, query_row, task_id=None):
+        """The action (B, A) predicted at token `query_row` (a traced int; a state token) from
+        `step_tokens`' x0 (B, T, H) and qkv (B, T, 3H) of T tokens in any order, `bias` (B or 1,
+        1, T, T) their additive attention mask (which encodes the causal order). Equals `__call__`'s
+        action at that token for the same tokens in time order (dropout off), up to float rounding:
+        block 0 takes its q, k, v from `qkv`, and the last block runs for the query token only."""
+        task_id = self._task_ids(task_id, x0.shape[0])
+        blocks = self.blocks
+        if len(blocks) == 1:
+            x_s = blocks[0](x0, bias, deterministic=True, qkv=qkv, query_rows=query_row)
+        else:
+            x = blocks[0](x0, bias, deterministic=True, qkv=qkv)
+            for blk in blocks[1:-1]:
+                x = blk(x, bias, deterministic=True)
+            x_s = blocks[-1](x, bias, deterministic=True, query_rows=query_row)
+        x_s = self.ln_f(x_s)
+        return self._select([io.action(x_s) for io in self._ios()], task_id, self.cfg.act_dim)[:, 0]
+
     def __call__(self, states, actions, rtg, timesteps, mask=None, task_id=None, *,
                  deterministic: bool = True, outputs: str = "action"):
         cfg = self.cfg
         B, K = states.shape[:2]
-        if cfg.multi and task_id is None:
-            raise ValueError("multi-task DT needs task_id: an int, or (B,) ints")
-        if task_id is not None:  # one task for the whole batch is broadcast here, not by every caller
-            if jnp.ndim(task_id) not in (0, 1) or (jnp.ndim(task_id) == 1 and jnp.shape(task_id)[0] != B):
-                raise ValueError(f"task_id: expected an int or shape ({B},), got shape {jnp.shape(task_id)}")
-            task_id = jnp.broadcast_to(jnp.asarray(task_id, jnp.int32), (B,))
+        task_id = self._task_ids(task_id, B)
         if mask is None:
             mask = jnp.ones((B, K), jnp.float32)
         time_emb = self.embed_timestep(timesteps)
@@ -457,6 +512,20 @@ def apply(cfg: DTConfig, params, states, actions, rtg, timesteps, mask=None, tas
     rngs = {"dropout": rng} if rng is not None else None
     return DecisionTransformer(cfg).apply({"params": params}, states, actions, rtg, timesteps, mask, task_id,
                                           deterministic=rng is None, outputs=outputs, rngs=rngs)
+
+
+def step_tokens(cfg: DTConfig, params, states, actions, rtg, timesteps, task_id=None):
+    """(x0, qkv): the tokens of steps (B, n, ...) at block 0's input and their block-0 q, k, v
+    (`DecisionTransformer.step_tokens`; eval mode)."""
+    return DecisionTransformer(cfg).apply({"params": params}, states, actions, rtg, timesteps, task_id,
+                                          method="step_tokens")
+
+
+def act_cached(cfg: DTConfig, params, x0, qkv, bias, query_row, task_id=None):
+    """The action at token `query_row` from cached block-0 inputs (`DecisionTransformer.act_cached`;
+    eval mode)."""
+    return DecisionTransformer(cfg).apply({"params": params}, x0, qkv, bias, query_row, task_id,
+                                          method="act_cached")
 
 
 def count_params(tree) -> int:
