@@ -1,17 +1,21 @@
 """Batched closed-loop evaluation: E episodes x T tasks x M parameter sets in one call.
 
-The DT's context is a fixed-size ring buffer (`Context`): step t writes slot t % K, and the policy
-reads the K slots oldest-first, left-padded with zeros and masked, exactly what the reference's
-`get_action` builds from its growing history (zero padding at evaluation). It is one
-implementation over NumPy (the native host loop) or JAX (inside the mjx scan). The return-to-go
-starts at target / scale and decreases by r / scale each step; finished episodes are masked and
-stop accruing reward.
+The policy sees what the reference's `get_action` builds from its growing history: the last K
+steps, left-padded with zeros and masked (zero padding at evaluation), the action predicted at the
+last state token. Its state is a `TokenCache`, a ring of K step slots (step t in slot t % K)
+holding every token at block 0's input and block 0's q, k, v of it: those are functions of the
+token alone, so each is computed once (`policy_step`) instead of once per step it stays in the
+window, and the ring is read in place, its time order given by the attention mask
+(`cache_bias`). The action equals the full forward's on the time-ordered window up to float
+rounding (tested); it is one implementation for both executors. The return-to-go starts at
+target / scale and decreases by r / scale each step; finished episodes are masked and stop
+accruing reward.
 
 Executors (`mdt_jax.envs`):
 - native (CPU): the loop is `envs.run_episodes` with the DT as its episode policy; physics for
-  every episode runs in MuJoCo C; the policy is one jitted call per step over the live episodes
-  only, gathered per candidate into power-of-two buckets so that the shapes (and compilations)
-  stay few as episodes end.
+  every episode runs in MuJoCo C; the caches stay on the device and the policy is one jitted call
+  per step (`native_step`) over each candidate's live episodes only, its cache rows reordered and
+  cut to a power-of-two bucket when episodes end, so that the shapes (and compilations) stay few.
 - mjx (GPU/TPU): policy plus physics for the whole episode is one `lax.scan`, vmapped over
   candidates and episodes.
 
@@ -68,15 +72,17 @@ class TokenCache:
     steps, the carry of the mjx executor's `lax.scan`.
     """
 
-    x0: jax.Array   # (*batch, 3K, H)
-    qkv: jax.Array  # (*batch, 3K, 3H)
+    x0: jax.Array      # (*batch, 3K, H)
+    qkv: jax.Array     # (*batch, 3K, 3H)
+    action: jax.Array  # (*batch, A): the last step's predicted action, whose token the next step writes
 
     @classmethod
     def zeros(cls, batch: int | tuple[int, ...], cfg: DTConfig) -> "TokenCache":
         """An empty cache (slots never written are masked by `cache_bias`)."""
         batch = (batch,) if isinstance(batch, (int, np.integer)) else tuple(batch)
         T, H = 3 * cfg.context_len, cfg.hidden_size
-        return cls(jnp.zeros(batch + (T, H), jnp.float32), jnp.zeros(batch + (T, 3 * H), jnp.float32))
+        return cls(jnp.zeros(batch + (T, H), jnp.float32), jnp.zeros(batch + (T, 3 * H), jnp.float32),
+                   jnp.zeros(batch + (cfg.act_dim,), jnp.float32))
 
 
 def cache_bias(t, K: int) -> jax.Array:
@@ -92,8 +98,9 @@ def cache_bias(t, K: int) -> jax.Array:
 
 
 def policy_step(cfg: DTConfig, params, cache: TokenCache, t, obs_norm, rtg, task_id=None, index=None):
-    """Write step t (state, rtg, timestep; a zero action until it is predicted), predict its
-    action from the last K steps, store the action's token. Returns (actions (N, A), cache).
+    """Write step t's tokens (rtg, state; the action, zero until it is predicted, is masked) and the
+    token of step t-1's action, predict step t's action from the last K steps. Returns (actions (N,
+    A), cache). One `step_tokens` pass per step embeds both steps' tokens.
 
     obs_norm (N', <= S) is already normalised (entries past its width are 0) and rtg (N',) scaled,
     for N' >= N, the cache's rows: the new tokens are computed for all N' rows and the first N are
@@ -103,25 +110,32 @@ def policy_step(cfg: DTConfig, params, cache: TokenCache, t, obs_norm, rtg, task
     writes candidate `index`'s in place. The action equals `apply(..., outputs='last')` on the
     time-ordered window of the last K steps, zero-padded on the left, up to float rounding (tested).
     """
-    K = cfg.context_len
+    K, A = cfg.context_len, cfg.act_dim
     N, n = cache.x0.shape[0 if index is None else 1], obs_norm.shape[0]
-    slot = t % K
-    states = jnp.zeros((n, 1, cfg.state_dim), jnp.float32).at[:, 0, :obs_norm.shape[-1]].set(obs_norm)
-    rtg = jnp.asarray(rtg, jnp.float32).reshape(n, 1, 1)
-    ts = jnp.full((n, 1), jnp.minimum(t, cfg.max_ep_len - 1), jnp.int32)
-
-    def write(cache, actions, kinds):
-        new = step_tokens(cfg, params, states, actions, rtg, ts, task_id)
-        at = (0, 3 * slot + kinds.start, 0) if index is None else (index, 0, 3 * slot + kinds.start, 0)
-        lead = () if index is None else (None,)
-        return jax.tree.map(lambda c, v: jax.lax.dynamic_update_slice(c, v[lead + (slice(0, N), kinds)], at),
-                            cache, TokenCache(*new))
-
-    cache = write(cache, jnp.zeros((n, 1, cfg.act_dim), jnp.float32), slice(0, 3))
+    lead = () if index is None else (None,)
     mine = cache if index is None else jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
-    action = act_cached(cfg, params, mine.x0, mine.qkv, cache_bias(t, K), 3 * slot + 1, task_id)
-    full = jnp.zeros((n, 1, cfg.act_dim), jnp.float32).at[:N, 0].set(action)
-    return action, write(cache, full, slice(2, 3))
+    # steps t-1 and t: only step t-1's action token and step t's tokens are kept (the rest of step
+    # t-1 was written a step ago; at t = 0 the token lands in a slot the mask hides)
+    states = jnp.zeros((n, 2, cfg.state_dim), jnp.float32).at[:, 1, :obs_norm.shape[-1]].set(obs_norm)
+    actions = jnp.zeros((n, 2, A), jnp.float32).at[:N, 0].set(mine.action)
+    rtg = jnp.zeros((n, 2, 1), jnp.float32).at[:, 1, 0].set(rtg)
+    ts = jnp.minimum(jnp.maximum(t + jnp.arange(-1, 1), 0), cfg.max_ep_len - 1)
+    x0, qkv = step_tokens(cfg, params, states, actions, rtg, jnp.broadcast_to(ts, (n, 2)).astype(jnp.int32), task_id)
+
+    def put(c, v, row):  # v (n, k, ...) into rows row.. of the cache's tokens
+        at = (0, row, 0) if index is None else (index, 0, row, 0)
+        return jax.lax.dynamic_update_slice(c, v[lead + (slice(0, N),)], at)
+
+    slot = t % K
+    new = (x0, qkv)
+    x0c, qkvc = (put(put(c, v[:, 3:6], 3 * slot), v[:, 2:3], 3 * ((t - 1) % K) + 2) for c, v in zip((cache.x0, cache.qkv), new))
+    if index is None:
+        now = (x0c, qkvc)
+    else:
+        now = tuple(jax.lax.dynamic_index_in_dim(c, index, 0, False) for c in (x0c, qkvc))
+    action = act_cached(cfg, params, *now, cache_bias(t, K), 3 * slot + 1, task_id)
+    at = (0, 0) if index is None else (index, 0, 0)
+    return action, TokenCache(x0c, qkvc, jax.lax.dynamic_update_slice(cache.action, action[lead], at))
 
 
 @dataclasses.dataclass
