@@ -24,6 +24,23 @@ def matmul_peak(repeats: int = 10, n: int = 2048) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
+def memory_bandwidth(repeats: int = 10, mb: int = 64) -> float:
+    """GB/s of a jitted elementwise pass `x * 1.5 + 1` over an `mb` MB float32 array (2-D, the
+    layout of the step's activations), counting the bytes read and written (median). The input is
+    donated, so the pass writes into memory already mapped, as a step's thunks do into XLA's
+    reused buffers (a fresh 64 MB output costs page faults: about a tenth of this rate here)."""
+    f = jax.jit(lambda x: x * 1.5 + 1.0, donate_argnums=0)
+    x = f(jnp.ones((mb * 2 ** 20 // 4 // 512, 512), jnp.float32))
+    x.block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = f(x)
+        x.block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(ts) / 1e9
+
+
 def chunk_timer(chunk, state, data, steps: int):
     """(run, cold_s) for a train chunk `chunk(state, data, steps) -> (state, metrics)` that donates
     its state: the first call (compilation included) is `cold_s`; `run()` times one more call and
@@ -45,7 +62,9 @@ def chunk_timer(chunk, state, data, steps: int):
 def traced(fn) -> tuple[float, list]:
     """Run `fn()` once under the XLA profiler: (its wall time in seconds, the events of the XLA CPU
     compute threads as (thread, name, start_ns, duration_ns)). The events are the thunks the
-    programs ran (named after their HLO instructions) inside `ThunkExecutor::Execute` spans."""
+    programs ran (named after their HLO instructions) inside `ThunkExecutor::Execute` spans, on the
+    intra-op threads (tf_XLAEigen) and on the client thread (tf_XLAPjRtCpuClient), which runs a
+    program's small thunks itself."""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             t = time.perf_counter()
@@ -56,7 +75,7 @@ def traced(fn) -> tuple[float, list]:
             raise RuntimeError(f"the profiler wrote no .xplane.pb under {d}")
         data = jax.profiler.ProfileData.from_file(paths[0])
     events = [(line.name, e.name, e.start_ns, e.duration_ns) for plane in data.planes for line in plane.lines
-              if "XLA" in line.name and "PjRt" not in line.name for e in line.events]
+              if "XLA" in line.name for e in line.events]
     return wall, events
 
 

@@ -66,7 +66,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import train_step as TS  # noqa: E402
-from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak, traced  # noqa: E402
+from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak, memory_bandwidth, traced  # noqa: E402
 from mdt_jax import evaluate as ev, train as T  # noqa: E402
 from mdt_jax.models import DTConfig, apply, init_params  # noqa: E402
 
@@ -328,6 +328,31 @@ def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
     return {name: ops(op, called) for name, (op, called) in instrs.items()}
 
 
+_SIZES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+[a-z][\w\-]*\((.*)$")
+
+
+def _nbytes(types: str) -> int:
+    """Bytes of the arrays in an HLO type string (an array or a tuple of them)."""
+    return sum(_SIZES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(types))
+
+
+def hlo_bytes(hlo: str) -> dict[str, tuple[int, int]]:
+    """{instruction name: (result bytes, operand bytes)} over an optimised HLO module's text: what
+    a thunk writes, and the sizes of the operands it reads (whole; a dynamic slice inside a fusion
+    reads less of its operand, so the second is an upper bound on what is read)."""
+    size, ops = {}, {}
+    for line in hlo.splitlines():
+        if m := _DEF.match(line):
+            name, types, rest = m.groups()
+            size[name] = _nbytes(types)
+            args = rest.split("), ")[0] if "), " in rest else rest.rsplit(")", 1)[0]
+            ops[name] = re.findall(r"%([\w.\-]+)", args)
+    return {name: (size[name], sum(size.get(o, 0) for o in operands)) for name, operands in ops.items()}
+
+
 def categorise(ops: collections.Counter) -> str | None:
     """A thunk's category (CATEGORIES) from its ops; None for a loop or call, whose body's thunks
     are traced one by one."""
@@ -353,43 +378,63 @@ def categorise(ops: collections.Counter) -> str | None:
     return "other elementwise"
 
 
-def trace_thunks(w: Workload, top: int = 12) -> dict:
+def trace_thunks(w: Workload, top: int = 12, bandwidth: float | None = None) -> dict:
     """One `w.run()` under the XLA profiler: every thunk's time, by category, per step or forward.
 
     The thunks are read from the trace's XLA CPU threads (their events are named after the HLO
     instructions of `w.hlo`) and summed by name; `thunk_ms` is their sum, `traced_ms` the call's
     wall time under the trace (the difference: dispatch and host work, or thunks overlapping on
-    the two threads if negative)."""
-    ops = hlo_ops(w.hlo)
+    the two threads if negative). Per category also the bytes its thunks write (their results) and
+    at most read (their operands, `hlo_bytes`) per step or forward; with `bandwidth` (GB/s,
+    `_common.memory_bandwidth`), `memory_ms`: the time the thunks that are not dots need at that
+    bandwidth just to write their results (a floor), and to write them and read their operands
+    (at most)."""
+    ops, nbytes = hlo_ops(w.hlo), hlo_bytes(w.hlo)
     traced_s, events = traced(w.run)
-    per = collections.Counter()
+    per, runs = collections.Counter(), collections.Counter()
     for _, name, _, ns in events:
         if name in ops:
             per[name] += ns
-    cats = {c: {"ms": 0.0, "thunks": 0} for c in CATEGORIES}
+            runs[name] += 1
+    cats = {c: {"ms": 0.0, "thunks": 0, "written_mb": 0.0, "read_mb": 0.0} for c in CATEGORIES}
     rows = []
     for name, ns in per.items():
         c = categorise(ops[name])
         if c is None:
             continue
         ms = ns / 1e6 / w.units
+        written, read = (runs[name] / w.units * b / 1e6 for b in nbytes.get(name, (0, 0)))
         cats[c]["ms"] += ms
         cats[c]["thunks"] += 1
-        rows.append({"thunk": name, "category": c, "ms": ms,
+        cats[c]["written_mb"] += written
+        cats[c]["read_mb"] += read
+        rows.append({"thunk": name, "category": c, "ms": ms, "written_mb": written, "read_mb": read,
                      "ops": ",".join(f"{o}" + (f"x{n}" if n > 1 else "") for o, n in ops[name].most_common(6))})
     if not rows:
         raise RuntimeError(f"{w.name}: no thunk of the compiled program was found in the trace")
     rows.sort(key=lambda r: -r["ms"])
     total = sum(c["ms"] for c in cats.values())
-    return {"traced_ms": 1e3 * traced_s / w.units, "thunk_ms": total, "categories": cats,
-            "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
+    out = {"traced_ms": 1e3 * traced_s / w.units, "thunk_ms": total, "categories": cats,
+           "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
+    if bandwidth:
+        other = [v for c, v in cats.items() if c != "dot"]
+        written, read = sum(v["written_mb"] for v in other), sum(v["read_mb"] for v in other)
+        out["memory"] = {"bandwidth_gbs": bandwidth, "not_dot_ms": sum(v["ms"] for v in other),
+                         "written_mb": written, "read_mb": read, "write_ms": written / bandwidth,
+                         "write_read_ms": (written + read) / bandwidth}
+    return out
 
 
 def print_trace(t: dict) -> None:
     print(f"  trace of one call: thunks {t['thunk_ms']:.3f} ms of {t['traced_ms']:.3f} ms traced, by category:")
     for c, v in sorted(t["categories"].items(), key=lambda kv: -kv[1]["ms"]):
         if v["thunks"]:
-            print(f"    {c:22} {v['ms']:9.3f} ms {v['ms'] / t['thunk_ms']:6.1%} ({v['thunks']} thunks)")
+            print(f"    {c:22} {v['ms']:9.3f} ms {v['ms'] / t['thunk_ms']:6.1%} ({v['thunks']} thunks; writes "
+                  f"{v['written_mb']:.1f} MB, reads <= {v['read_mb']:.1f} MB)")
+    if m := t.get("memory"):
+        print(f"  the thunks that are not dots take {m['not_dot_ms']:.3f} ms; they write {m['written_mb']:.1f} MB and "
+              f"read at most {m['read_mb']:.1f} MB: at the measured {m['bandwidth_gbs']:.1f} GB/s that is "
+              f"{m['write_ms']:.3f} ms for the writes alone, {m['write_read_ms']:.3f} ms with the reads")
     print("  the largest thunks that are not dots:")
     for r in t["top_not_dot"]:
         print(f"    {r['ms']:9.3f} ms  {r['category']:20} {r['thunk'][:34]:34} {r['ops'][:70]}")
@@ -456,6 +501,10 @@ def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: in
                                          "hidden": hidden, "layers": layers, "batch": batch, "peak_n": peak_n,
                                          "trace": trace}}
     print(f"float32 matmul peak (jitted {peak_n}^3 jnp.dot, median): {peak:.0f} GFLOP/s")
+    bandwidth = memory_bandwidth() if trace else None
+    if trace:
+        out["bandwidth_gbs"] = bandwidth
+        print(f"memory bandwidth (a jitted 2-D elementwise pass, bytes read + written, median): {bandwidth:.1f} GB/s")
     cache = {}
     for name in [only] if only else WORKLOADS:
         if name == "eval_h128":
@@ -466,7 +515,7 @@ def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: in
             out[w.name] = profile(w, repeats, peak, dot_s, cache)
             print_row(w.name, out[w.name], top)
             if trace:
-                out[w.name]["trace"] = trace_thunks(w, top)
+                out[w.name]["trace"] = trace_thunks(w, top, bandwidth)
                 print_trace(out[w.name]["trace"])
     return out
 
