@@ -390,9 +390,10 @@ def native_step(cfg, vmapped, params, cache: TokenCache, obs, rtg, t, task_id, n
     return jax.lax.fori_loop(0, W if n is None else n, body, (acts, cache))
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@jax.jit
 def _take_rows(cache: TokenCache, rows) -> TokenCache:
-    """cache[m, rows[m]] for every candidate m: rows (W, b') (a new episode order, and bucket)."""
+    """cache[m, rows[m]] for every candidate m: rows (W, b') (a new episode order, and bucket; a
+    new array: the input is not donated, its rows are fewer)."""
     return jax.tree.map(lambda x: jax.vmap(lambda c, r: c[r])(x, rows), cache)
 
 
