@@ -163,10 +163,12 @@ def analytic_flops(cfg: DTConfig, outputs: str) -> int:
     return embed + (L - 1) * block(T) + last
 
 
-def xla_flops(cfg: DTConfig, params) -> float:
-    K = cfg.context_len
-    x = (jnp.zeros((1, K, cfg.state_dim)), jnp.zeros((1, K, cfg.act_dim)), jnp.zeros((1, K, 1)),
-         jnp.zeros((1, K), jnp.int32), jnp.ones((1, K)))
+def xla_flops(cfg: DTConfig, params, batch: int = 1) -> float:
+    """XLA's FLOPs of the exact last-token forward (`apply(..., outputs='last')`) on `batch`
+    windows: the least an exact policy step runs without a cache."""
+    K, b = cfg.context_len, batch
+    x = (jnp.zeros((b, K, cfg.state_dim)), jnp.zeros((b, K, cfg.act_dim)), jnp.zeros((b, K, 1)),
+         jnp.zeros((b, K), jnp.int32), jnp.ones((b, K)))
     cost = jax.jit(lambda p, *a: apply(cfg, p, *a, outputs="last")).lower(params, *x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])

@@ -65,10 +65,10 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import train_step as TS  # noqa: E402
+from benchmarks import evaluate as E, train_step as TS  # noqa: E402
 from benchmarks._common import chunk_timer, common_keys, common_line, matmul_peak, memory_bandwidth, traced  # noqa: E402
 from mdt_jax import evaluate as ev, train as T  # noqa: E402
-from mdt_jax.models import DTConfig, apply, init_params  # noqa: E402
+from mdt_jax.models import DTConfig, init_params  # noqa: E402
 
 WORKLOADS = ("train_h128", "train_h512", "eval_h128")
 EVAL_SHAPE = dict(hidden_size=128, n_layer=3, n_head=1, activation="relu")
@@ -224,15 +224,6 @@ def _step(cfg: DTConfig):
     return lambda params, cache, obs, rtg: ev.policy_step(cfg, params, cache, jnp.int32(EVAL_T), obs, rtg)
 
 
-def _last_forward_flops(cfg: DTConfig, params, b: int) -> float:
-    """XLA's FLOPs of the exact last-token forward (`apply(..., outputs='last')`) on b windows: the
-    least an exact policy step runs without a cache, the floor `benchmarks/evaluate.py` quotes."""
-    K = cfg.context_len
-    x = (jnp.zeros((b, K, cfg.state_dim)), jnp.zeros((b, K, cfg.act_dim)), jnp.zeros((b, K, 1)),
-         jnp.zeros((b, K), jnp.int32), jnp.ones((b, K)))
-    return xla_flops(jax.jit(lambda p, *a: apply(cfg, p, *a, outputs="last")).lower(params, *x).compile())
-
-
 def _policy_args(cfg: DTConfig, params, cache, obs, rtg) -> tuple:
     """`native_step`'s arguments for one candidate as the evaluation loop (`evaluate._NativeDT`)
     passes them: the params stacked twice once and for all (on the device), the caches stacked
@@ -293,7 +284,7 @@ def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
         return (time.perf_counter() - t) / calls
 
     return Workload(f"eval_h128_b{b}", _config(cfg, b), jaxpr, flops, cold_s, run, 1, calls, hlo,
-                    _last_forward_flops(cfg, args[0], b))
+                    E.xla_flops(cfg, args[0], b))  # the floor benchmarks/evaluate.py quotes
 
 
 # Categories of a thunk (one fusion or op of the compiled program), in the order they are tested.

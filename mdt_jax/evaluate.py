@@ -112,30 +112,22 @@ def policy_step(cfg: DTConfig, params, cache: TokenCache, t, obs_norm, rtg, task
     """
     K, A = cfg.context_len, cfg.act_dim
     N, n = cache.x0.shape[0 if index is None else 1], obs_norm.shape[0]
+    own = (lambda c: c) if index is None else (lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False))
+    at = (lambda *i: i) if index is None else (lambda *i: (index,) + i)  # where in `cache` row i of ours is
     lead = () if index is None else (None,)
-    mine = cache if index is None else jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
     # steps t-1 and t: only step t-1's action token and step t's tokens are kept (the rest of step
     # t-1 was written a step ago; at t = 0 the token lands in a slot the mask hides)
     states = jnp.zeros((n, 2, cfg.state_dim), jnp.float32).at[:, 1, :obs_norm.shape[-1]].set(obs_norm)
-    actions = jnp.zeros((n, 2, A), jnp.float32).at[:N, 0].set(mine.action)
+    actions = jnp.zeros((n, 2, A), jnp.float32).at[:N, 0].set(own(cache.action))
     rtg = jnp.zeros((n, 2, 1), jnp.float32).at[:, 1, 0].set(rtg)
     ts = jnp.minimum(jnp.maximum(t + jnp.arange(-1, 1), 0), cfg.max_ep_len - 1)
-    x0, qkv = step_tokens(cfg, params, states, actions, rtg, jnp.broadcast_to(ts, (n, 2)).astype(jnp.int32), task_id)
-
-    def put(c, v, row):  # v (n, k, ...) into rows row.. of the cache's tokens
-        at = (0, row, 0) if index is None else (index, 0, row, 0)
-        return jax.lax.dynamic_update_slice(c, v[lead + (slice(0, N),)], at)
-
+    new = step_tokens(cfg, params, states, actions, rtg, jnp.broadcast_to(ts, (n, 2)).astype(jnp.int32), task_id)
+    put = lambda c, v, row: jax.lax.dynamic_update_slice(c, v[lead + (slice(0, N),)], at(0, row, 0))
     slot = t % K
-    new = (x0, qkv)
-    x0c, qkvc = (put(put(c, v[:, 3:6], 3 * slot), v[:, 2:3], 3 * ((t - 1) % K) + 2) for c, v in zip((cache.x0, cache.qkv), new))
-    if index is None:
-        now = (x0c, qkvc)
-    else:
-        now = tuple(jax.lax.dynamic_index_in_dim(c, index, 0, False) for c in (x0c, qkvc))
-    action = act_cached(cfg, params, *now, cache_bias(t, K), 3 * slot + 1, task_id)
-    at = (0, 0) if index is None else (index, 0, 0)
-    return action, TokenCache(x0c, qkvc, jax.lax.dynamic_update_slice(cache.action, action[lead], at))
+    x0, qkv = (put(put(c, v[:, 3:6], 3 * slot), v[:, 2:3], 3 * ((t - 1) % K) + 2)
+               for c, v in zip((cache.x0, cache.qkv), new))
+    action = act_cached(cfg, params, own(x0), own(qkv), cache_bias(t, K), 3 * slot + 1, task_id)
+    return action, TokenCache(x0, qkv, jax.lax.dynamic_update_slice(cache.action, action[lead], at(0, 0)))
 
 
 @dataclasses.dataclass
