@@ -291,7 +291,7 @@ def eval_workload(b: int, calls: int, hidden=None, layers=None) -> Workload:
 CATEGORIES = ("dot", "random bits", "transpose or copy", "reduce", "activation", "concatenate",
               "gather, slice or pad", "broadcast", "other elementwise")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
-_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")  # name, type, op, rest
 _CONTAINERS = {"while", "conditional", "call"}  # their bodies' thunks are traced one by one
 
 
@@ -303,7 +303,7 @@ def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
         if m := _HEADER.match(line):
             cur = comps.setdefault(m.group(1), [])
         elif (m := _INSTR.match(line)) and cur is not None:
-            name, op, rest = m.groups()
+            name, _, op, rest = m.groups()
             called = re.search(r"\bcalls=%?([\w.\-]+)", rest) if op == "fusion" else None
             cur.append((op, called.group(1) if called else None))
             instrs[name] = (op, called.group(1) if called else None)
@@ -322,7 +322,6 @@ def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
 _SIZES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
-_DEF = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+[a-z][\w\-]*\((.*)$")
 
 
 def _nbytes(types: str) -> int:
@@ -336,8 +335,8 @@ def hlo_bytes(hlo: str) -> dict[str, tuple[int, int]]:
     reads less of its operand, so the second is an upper bound on what is read)."""
     size, ops = {}, {}
     for line in hlo.splitlines():
-        if m := _DEF.match(line):
-            name, types, rest = m.groups()
+        if m := _INSTR.match(line):
+            name, types, _, rest = m.groups()
             size[name] = _nbytes(types)
             args = rest.split("), ")[0] if "), " in rest else rest.rsplit(")", 1)[0]
             ops[name] = re.findall(r"%([\w.\-]+)", args)
