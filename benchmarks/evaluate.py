@@ -41,7 +41,9 @@ machine load):
   time: the jitted policy call at each bucket size it used and `env.step` on the batch, each timed
   alone (medians) and multiplied by how many loop steps used it, the rest being host bookkeeping;
   and one more warm run under the XLA profiler, in which the time XLA programs were executing is
-  measured inside the run itself (`_common.busy_s`; the rest of that run is physics and host).
+  measured inside the run itself (`_common.busy_s`; the rest of that run is physics and host);
+  and, at the full batch, what overlapping the physics with the policy could give (`breakdown`'s
+  `overlap`: env.step run while a call executes, and the policy split into two half-size lanes).
 
 What is EXTRAPOLATED: the original protocol's total = its measured ms per policy step x the policy
 steps our run took (per task, summed), i.e. its time for the same work without running all of it.
@@ -432,30 +434,48 @@ def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, 
     """Our warm time split into policy calls (per bucket size), env.step and the rest, estimated
     from each part timed alone (median) x the number of loop steps that ran it; and one more warm
     run under the XLA profiler, measuring inside the run how long XLA programs were executing
-    (`_common.busy_s`): the rest of that run is physics, host bookkeeping and dispatch."""
+    (`_common.busy_s`): the rest of that run is physics, host bookkeeping and dispatch.
+
+    `overlap`: what overlapping the physics with the policy could give, at the full batch of E
+    episodes (medians of `3 * calls`): `call_then_env_ms`, the call then `env.step` as the loop runs
+    them; `env_during_call_ms`, `env.step` run while the call executes (dispatched, read after);
+    `two_halves_ms`, the policy work of the loop split into two lanes of E/2 episodes, each half's
+    call dispatched before either is read (a lane's physics could then run during the other's
+    call). A two-lane loop's step costs at least `two_halves_ms` + (`env_during_call_ms` - the
+    call alone): both halves' calls, plus what the physics still adds when it shares the CPU with a
+    call; `two_lane_bound` = `call_then_env_ms` / that, the most such a loop could gain."""
     T = int(lengths.max())
     live = (lengths[0][None, :] > np.arange(T)[:, None]).sum(1)  # live episodes at each step
     buckets = np.asarray([ev.bucket(int(n), E) for n in live])
     stacked = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * 2), params)  # one candidate, as _NativeDT runs it
     obs, rtg = np.zeros((2, E, cfg.state_dim), np.float32), np.zeros((2, E), np.float32)
-    policy = {}
-    for b in sorted(set(buckets.tolist())):
-        box = [ev.TokenCache.zeros((2, b), cfg)]
+    boxes = {}
 
-        def call():
-            a, box[0] = ev.native_step(cfg, False, stacked, box[0], obs, rtg, np.int32(500), None, np.int32(1),
-                                       np.zeros(2, np.int32))
-            np.asarray(a)
+    def dispatch(b):  # one policy call on a carried b-row cache, not waited for
+        box = boxes.setdefault(b, [ev.TokenCache.zeros((2, b), cfg)])
+        a, box[0] = ev.native_step(cfg, False, stacked, box[0], obs[:, :b], rtg[:, :b], np.int32(500), None,
+                                   np.int32(1), np.zeros(2, np.int32))
+        return a
 
-        policy[b] = (int((buckets == b).sum()), median_time(call, calls))
+    policy = {b: (int((buckets == b).sum()), median_time(lambda: np.asarray(dispatch(b)), calls))
+              for b in sorted(set(buckets.tolist()))}
     env = envs.NativeBatchEnv(task, E)
     env.reset(0)
     a = np.random.default_rng(0).uniform(-1, 1, (E, cfg.act_dim))
-    env_s = median_time(lambda: env.step(a), 3 * calls) * T
+    env_ms = 1e3 * median_time(lambda: env.step(a), 3 * calls)
+    halves = ((E + 1) // 2, E // 2)
+    ms = lambda f: 1e3 * median_time(f, 3 * calls)
+    call_ms = ms(lambda: np.asarray(dispatch(E)))
+    during = ms(lambda: (lambda x: (env.step(a), np.asarray(x)))(dispatch(E)))
+    two = ms(lambda: [np.asarray(x) for x in [dispatch(h) for h in halves if h]])
+    overlap = {"call_ms": call_ms, "env_step_ms": env_ms, "call_then_env_ms": ms(lambda: (np.asarray(dispatch(E)),
+                                                                                         env.step(a))),
+               "env_during_call_ms": during, "two_halves_ms": two, "halves": list(halves)}
+    overlap["two_lane_bound"] = overlap["call_then_env_ms"] / (two + max(0.0, during - call_ms))
     wall, events = traced(lambda: our_run(cfg, params, task, st, E, max_steps))
-    return {"loop_steps": T, "policy_s": sum(n * s for n, s in policy.values()), "env_step_s": env_s,
+    return {"loop_steps": T, "policy_s": sum(n * s for n, s in policy.values()), "env_step_s": env_ms * T / 1e3,
             "policy_ms_per_call": {str(b): 1e3 * s for b, (n, s) in policy.items()},
-            "steps_per_bucket": {str(b): n for b, (n, s) in policy.items()},
+            "steps_per_bucket": {str(b): n for b, (n, s) in policy.items()}, "overlap": overlap,
             "traced_s": wall, "traced_xla_busy_s": busy_s(events)}
 
 
@@ -667,6 +687,11 @@ def main(argv=None):
                   f"{b['env_step_s']:.2f} s + rest {r['batched_s'] - b['policy_s'] - b['env_step_s']:.2f} s; "
                   f"compile ~{r['compile_s_approx']:.1f} s; a traced warm run: XLA busy {b['traced_xla_busy_s']:.2f} s "
                   f"of {b['traced_s']:.2f} s ({b['traced_xla_busy_s'] / b['traced_s']:.0%}), the rest physics and host")
+            o = b["overlap"]
+            print(f"  {'':12} overlap at {args.episodes} episodes: call {o['call_ms']:.2f} ms then env.step "
+                  f"{o['env_step_ms']:.2f} ms: {o['call_then_env_ms']:.2f} ms; env.step during the call "
+                  f"{o['env_during_call_ms']:.2f} ms; two calls of {o['halves'][0]}/{o['halves'][1]} episodes "
+                  f"{o['two_halves_ms']:.2f} ms; a two-lane loop gains at most {o['two_lane_bound']:.2f}x")
 
     if trained:
         rows = {}

@@ -64,6 +64,9 @@ def test_breakdown_traces_a_warm_run():
     b = E.breakdown(cfg, params, "hopper", st, 2, 6, row.lengths, calls=1)
     assert 0 < b["traced_xla_busy_s"] < b["traced_s"], b  # the policy ran inside the run, and the physics too
     assert b["policy_s"] > 0 and b["env_step_s"] > 0 and b["loop_steps"] == row.lengths.max()
+    o = b["overlap"]
+    assert o["halves"] == [1, 1] and o["two_lane_bound"] > 0, o
+    assert all(o[k] > 0 for k in ("call_ms", "env_step_ms", "call_then_env_ms", "env_during_call_ms", "two_halves_ms"))
 
 
 def test_common_keys():
