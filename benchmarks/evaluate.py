@@ -437,7 +437,7 @@ def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, 
     (`_common.busy_s`): the rest of that run is physics, host bookkeeping and dispatch.
 
     `overlap`: what overlapping the physics with the policy could give, at the full batch of E
-    episodes (medians of `3 * calls`): `call_then_env_ms`, the call then `env.step` as the loop runs
+    episodes (medians of `10 * calls` interleaved rounds): `call_then_env_ms`, the call then `env.step` as the loop runs
     them; `env_during_call_ms`, `env.step` run while the call executes (dispatched, read after);
     `two_halves_ms`, the policy work of the loop split into two lanes of E/2 episodes, each half's
     call dispatched before either is read (a lane's physics could then run during the other's
@@ -464,13 +464,20 @@ def breakdown(cfg, params, task: str, st: ev.TaskStats, E: int, max_steps: int, 
     a = np.random.default_rng(0).uniform(-1, 1, (E, cfg.act_dim))
     env_ms = 1e3 * median_time(lambda: env.step(a), 3 * calls)
     halves = ((E + 1) // 2, E // 2)
-    ms = lambda f: 1e3 * median_time(f, 3 * calls)
-    call_ms = ms(lambda: np.asarray(dispatch(E)))
-    during = ms(lambda: (lambda x: (env.step(a), np.asarray(x)))(dispatch(E)))
-    two = ms(lambda: [np.asarray(x) for x in [dispatch(h) for h in halves if h]])
-    overlap = {"call_ms": call_ms, "env_step_ms": env_ms, "call_then_env_ms": ms(lambda: (np.asarray(dispatch(E)),
-                                                                                         env.step(a))),
-               "env_during_call_ms": during, "two_halves_ms": two, "halves": list(halves)}
+    variants = {"call_ms": lambda: np.asarray(dispatch(E)),
+                "call_then_env_ms": lambda: (np.asarray(dispatch(E)), env.step(a)),
+                "env_during_call_ms": lambda: (lambda x: (env.step(a), np.asarray(x)))(dispatch(E)),
+                "two_halves_ms": lambda: [np.asarray(x) for x in [dispatch(h) for h in halves if h]]}
+    times = {k: [] for k in variants}
+    for f in variants.values():
+        f()
+    for _ in range(10 * calls):  # interleaved rounds: this machine's speed drifts within seconds
+        for k, f in variants.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t))
+    overlap = {k: statistics.median(v) for k, v in times.items()} | {"env_step_ms": env_ms, "halves": list(halves)}
+    call_ms, during, two = overlap["call_ms"], overlap["env_during_call_ms"], overlap["two_halves_ms"]
     overlap["two_lane_bound"] = overlap["call_then_env_ms"] / (two + max(0.0, during - call_ms))
     wall, events = traced(lambda: our_run(cfg, params, task, st, E, max_steps))
     return {"loop_steps": T, "policy_s": sum(n * s for n, s in policy.values()), "env_step_s": env_ms * T / 1e3,
