@@ -38,6 +38,12 @@ holds (`CATEGORIES`: a fusion holding a dot is a dot; then random bits (the drop
 sampler's threefry), transposes and copies, reductions (softmax, layer norms, bias gradients), the
 activation, ...). Printed: the time per category, the sum of all thunks against the call's wall
 time under the trace (the gap is dispatch and host work), and the largest thunks that are not dots.
+Each dot thunk's dots are read from the HLO (`hlo_dots`), so the largest dot thunks are printed
+with their shapes and their rate inside the program, and the dots' time and rate are summed by the
+kernel that runs them (YNNPACK's fusions, XLA's own dot emitter). A rate above the matmul peak
+means the thunks' events end before their work does: XLA's own emitter hands the product to
+Eigen's pool, and that work then runs beside the thunks after it (on the H512 step, the weight
+gradients: their time shows up as slower YNNPACK dots running at the same moment).
 
 `--json` holds per workload row (`train_h128`, `train_h512`, `eval_h128_b8`, ...) the figures,
 `trace` (with `--trace`) and the common keys (`benchmarks/_common.py`: `floor_fraction` is the
@@ -343,6 +349,54 @@ def hlo_bytes(hlo: str) -> dict[str, tuple[int, int]]:
     return {name: (size[name], sum(size.get(o, 0) for o in operands)) for name, operands in ops.items()}
 
 
+_PARAM = re.compile(r"([\w.\-]+):\s*((?:pred|[fsu]\d+|bf16)\[[\d,]*\])")
+
+
+def _dims(t: str) -> tuple[int, ...]:
+    m = _ARRAY.search(t)
+    return tuple(int(d) for d in m.group(2).split(",") if d) if m else ()
+
+
+def hlo_dots(hlo: str) -> dict[str, list[tuple[int, str]]]:
+    """{thunk name: [(FLOPs, 'lhs . rhs -> out') per dot it runs]} over an optimised HLO module's
+    text: a top-level `dot` is its own thunk, a dot inside a fused computation belongs to the
+    fusion that calls it (YNNPACK's `ynn_fusion`s and XLA's own dot fusions alike), so a traced
+    thunk's time gives that dot's rate inside the running program. The shapes are the operands'
+    logical dims (`in . in c[lhs contracting][rhs contracting]`)."""
+    types: dict[str, dict[str, str]] = {}
+    found: list[tuple[str, str, int, str]] = []  # (computation, instruction, FLOPs, label)
+    callers: dict[str, str] = {}  # fused computation: the fusion instruction calling it
+    cur = None
+    for line in hlo.splitlines():
+        if m := _HEADER.match(line):
+            cur = m.group(1)
+            types[cur] = dict(_PARAM.findall(line.split("->")[0]))
+        elif (m := _INSTR.match(line)) and cur is not None:
+            name, t, op, rest = m.groups()
+            types[cur][name] = t
+            if op == "fusion" and (c := re.search(r"\bcalls=%?([\w.\-]+)", rest)):
+                callers[c.group(1)] = name
+            if op == "dot":
+                lhs, rhs = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])[:2]
+                a, b = _dims(types[cur].get(lhs, "")), _dims(types[cur].get(rhs, ""))
+                cl, cr = ([int(d) for d in re.search(side + r"_contracting_dims=\{([\d,]*)\}", rest).group(1).split(",")
+                           if d] for side in ("lhs", "rhs"))
+                flops = 2 * math.prod(_dims(t)) * math.prod(a[i] for i in cl)
+                found.append((cur, name, flops, f"{'x'.join(map(str, a))} . {'x'.join(map(str, b))} c{cl}{cr}"))
+    comp_of = {}  # each fusion instruction's computation, to walk nested fusions up to the thunk
+    for comp, names in types.items():
+        for n in names:
+            comp_of.setdefault(n, comp)
+    out: dict[str, list[tuple[int, str]]] = {}
+    for comp, name, flops, label in found:
+        owner = name
+        while comp in callers:  # inside a fusion: the thunk is the outermost fusion calling it
+            owner = callers[comp]
+            comp = comp_of.get(owner, "")
+        out.setdefault(owner, []).append((flops, label))
+    return out
+
+
 def categorise(ops: collections.Counter) -> str | None:
     """A thunk's category (CATEGORIES) from its ops; None for a loop or call, whose body's thunks
     are traced one by one."""
@@ -368,7 +422,7 @@ def categorise(ops: collections.Counter) -> str | None:
     return "other elementwise"
 
 
-def trace_thunks(w: Workload, top: int = 12, bandwidth: float | None = None) -> dict:
+def trace_thunks(w: Workload, top: int = 12, bandwidth: float | None = None, peak: float | None = None) -> dict:
     """One `w.run()` under the XLA profiler: every thunk's time, by category, per step or forward.
 
     The thunks are read from the trace's XLA CPU threads (their events are named after the HLO
@@ -379,7 +433,7 @@ def trace_thunks(w: Workload, top: int = 12, bandwidth: float | None = None) -> 
     `_common.memory_bandwidth`), `memory_ms`: the time the thunks that are not dots need at that
     bandwidth just to write their results (a floor), and to write them and read their operands
     (at most)."""
-    ops, nbytes = hlo_ops(w.hlo), hlo_bytes(w.hlo)
+    ops, nbytes, dots = hlo_ops(w.hlo), hlo_bytes(w.hlo), hlo_dots(w.hlo)
     traced_s, events = traced(w.run)
     per, runs = collections.Counter(), collections.Counter()
     for _, name, _, ns in events:
@@ -400,12 +454,29 @@ def trace_thunks(w: Workload, top: int = 12, bandwidth: float | None = None) -> 
         cats[c]["read_mb"] += read
         rows.append({"thunk": name, "category": c, "ms": ms, "written_mb": written, "read_mb": read,
                      "ops": ",".join(f"{o}" + (f"x{n}" if n > 1 else "") for o, n in ops[name].most_common(6))})
+        if name in dots:  # the dot's rate inside the running program
+            flops = runs[name] / w.units * sum(f for f, _ in dots[name])
+            rows[-1] |= {"dot": " + ".join(lbl for _, lbl in dots[name]), "gflop": flops / 1e9,
+                         "gflops": flops / (ms / 1e3) / 1e9 if ms > 0 else None,
+                         "emitter": "YNNPACK" if "ynn" in name else "XLA"}
     if not rows:
         raise RuntimeError(f"{w.name}: no thunk of the compiled program was found in the trace")
     rows.sort(key=lambda r: -r["ms"])
     total = sum(c["ms"] for c in cats.values())
     out = {"traced_ms": 1e3 * traced_s / w.units, "thunk_ms": total, "categories": cats,
-           "top_not_dot": [r for r in rows if r["category"] != "dot"][:top]}
+           "top_not_dot": [r for r in rows if r["category"] != "dot"][:top],
+           "top_dots": [r for r in rows if "dot" in r][:top], "dots_by_emitter": {}}
+    for r in rows:  # the dots' time and rate by the kernel that runs them
+        if "dot" in r:
+            e = out["dots_by_emitter"].setdefault(r["emitter"], {"ms": 0.0, "gflop": 0.0, "thunks": 0})
+            e["ms"] += r["ms"]
+            e["gflop"] += r["gflop"]
+            e["thunks"] += 1
+    for e in out["dots_by_emitter"].values():
+        e["gflops"] = e["gflop"] / (e["ms"] / 1e3) if e["ms"] > 0 else None
+        # faster than the matmul peak: the thunks' events end before their work does (XLA's own
+        # dot emitter hands the product to Eigen's pool), which then overlaps the thunks after them
+        e["events_span_work"] = None if peak is None or e["gflops"] is None else e["gflops"] <= 1.2 * peak
     if bandwidth:
         other = [v for c, v in cats.items() if c != "dot"]
         written, read = sum(v["written_mb"] for v in other), sum(v["read_mb"] for v in other)
@@ -425,6 +496,15 @@ def print_trace(t: dict) -> None:
         print(f"  the thunks that are not dots take {m['not_dot_ms']:.3f} ms; they write {m['written_mb']:.1f} MB and "
               f"read at most {m['read_mb']:.1f} MB: at the measured {m['bandwidth_gbs']:.1f} GB/s that is "
               f"{m['write_ms']:.3f} ms for the writes alone, {m['write_read_ms']:.3f} ms with the reads")
+    for k, e in t.get("dots_by_emitter", {}).items():
+        print(f"  dots run by {k}: {e['thunks']} thunks, {e['ms']:.3f} ms, {e['gflop']:.3f} GFLOP, "
+              f"{e['gflops'] or 0:.1f} GFLOP/s inside the program"
+              + (" (above the peak: the events end before the work, which overlaps the thunks after them)"
+                 if e.get("events_span_work") is False else ""))
+    if t.get("top_dots"):
+        print("  the largest dot thunks, as they ran inside the program:")
+        for r in t["top_dots"]:
+            print(f"    {r['ms']:9.3f} ms  {r['gflops'] or 0:6.1f} GFLOP/s  {r['emitter']:7} {r['thunk'][:24]:24} {r['dot'][:60]}")
     print("  the largest thunks that are not dots:")
     for r in t["top_not_dot"]:
         print(f"    {r['ms']:9.3f} ms  {r['category']:20} {r['thunk'][:34]:34} {r['ops'][:70]}")
@@ -505,7 +585,7 @@ def run(only: str | None = None, *, repeats: int = 7, steps: int = 20, calls: in
             out[w.name] = profile(w, repeats, peak, dot_s, cache)
             print_row(w.name, out[w.name], top)
             if trace:
-                out[w.name]["trace"] = trace_thunks(w, top, bandwidth)
+                out[w.name]["trace"] = trace_thunks(w, top, bandwidth, peak)
                 print_trace(out[w.name]["trace"])
     return out
 

@@ -136,6 +136,7 @@ ENTRY %main (p0: f32[4,8], p1: f32[8,8]) -> (f32[4,8], f32[8,4]) {
   %hash_fusion = f32[4,8]{1,0} fusion(%tanh_fusion), kind=kLoop, calls=%fused_outer
   %transpose.2 = f32[8,4]{1,0} transpose(%tanh_fusion), dimensions={1,0}, metadata={op_name="jit(f)/transpose"}
   %while.3 = (f32[4,8]{1,0}, s32[]) while(%tuple.1), condition=%cond, body=%body
+  %dot.5 = f32[8,8]{1,0} dot(%p0, %ynn_fusion), lhs_contracting_dims={0}, rhs_contracting_dims={0}
   ROOT %tuple = (f32[4,8]{1,0}, f32[8,4]{1,0}) tuple(%hash_fusion, %transpose.2)
 }
 """
@@ -161,6 +162,16 @@ def test_hlo_ops_of_a_compiled_program_find_its_dot():
     assert ops and any(P.categorise(o) == "dot" for o in ops.values())
 
 
+def test_hlo_dots_belong_to_their_thunks_with_their_flops():
+    assert P.hlo_dots(HLO) == {"ynn_fusion": [(2 * 4 * 8 * 8, "4x8 . 8x8 c[1][0]")],  # the fusion running it
+                               "dot.5": [(2 * 8 * 8 * 4, "4x8 . 4x8 c[0][0]")]}      # a dot thunk of its own
+    # a compiled forward and backward: every dot found, each counted once, with its FLOPs
+    f = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))))
+    w, x = jnp.ones((24, 8)), jnp.ones((40, 24))
+    dots = P.hlo_dots(f.lower(w, x).compile().as_text())
+    assert sorted(f for ds in dots.values() for f, _ in ds) == [2 * 40 * 24 * 8] * 2, dots
+
+
 def test_toy_trace_sums_its_categories(tmp_path):
     path = tmp_path / "floor.json"
     P.main(["--only", "train_h512", "--hidden", "16", "--layers", "1", "--batch", "4", "--repeats", "1", "--steps",
@@ -171,3 +182,8 @@ def test_toy_trace_sums_its_categories(tmp_path):
     assert t["categories"]["dot"]["ms"] > 0 and t["categories"]["dot"]["thunks"] > 0
     assert t["thunk_ms"] > 0 and math.isfinite(t["traced_ms"]) and t["traced_ms"] > 0
     assert 0 < len(t["top_not_dot"]) <= 3 and all(r["category"] != "dot" for r in t["top_not_dot"])
+    # every dot thunk's dots were found in the HLO: the rates by kernel sum to the dot category
+    assert 0 < len(t["top_dots"]) <= 3 and all(r["gflop"] > 0 and r["category"] == "dot" for r in t["top_dots"])
+    by = t["dots_by_emitter"]
+    assert sum(e["thunks"] for e in by.values()) == t["categories"]["dot"]["thunks"]
+    assert sum(e["ms"] for e in by.values()) == pytest.approx(t["categories"]["dot"]["ms"])
