@@ -299,6 +299,7 @@ CATEGORIES = ("dot", "random bits", "transpose or copy", "reduce", "activation",
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 _INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")  # name, type, op, rest
 _CONTAINERS = {"while", "conditional", "call"}  # their bodies' thunks are traced one by one
+_CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")  # the computation a fusion runs
 
 
 def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
@@ -310,7 +311,7 @@ def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
             cur = comps.setdefault(m.group(1), [])
         elif (m := _INSTR.match(line)) and cur is not None:
             name, _, op, rest = m.groups()
-            called = re.search(r"\bcalls=%?([\w.\-]+)", rest) if op == "fusion" else None
+            called = _CALLS.search(rest) if op == "fusion" else None
             cur.append((op, called.group(1) if called else None))
             instrs[name] = (op, called.group(1) if called else None)
 
@@ -327,7 +328,8 @@ def hlo_ops(hlo: str) -> dict[str, collections.Counter]:
 
 _SIZES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
+_DTYPE = r"pred|[fsu]\d+|bf16"
+_ARRAY = re.compile(rf"\b({_DTYPE})\[([\d,]*)\]")
 
 
 def _nbytes(types: str) -> int:
@@ -349,7 +351,7 @@ def hlo_bytes(hlo: str) -> dict[str, tuple[int, int]]:
     return {name: (size[name], sum(size.get(o, 0) for o in operands)) for name, operands in ops.items()}
 
 
-_PARAM = re.compile(r"([\w.\-]+):\s*((?:pred|[fsu]\d+|bf16)\[[\d,]*\])")
+_PARAM = re.compile(rf"([\w.\-]+):\s*((?:{_DTYPE})\[[\d,]*\])")  # a computation's parameter and its type
 
 
 def _dims(t: str) -> tuple[int, ...]:
@@ -358,7 +360,7 @@ def _dims(t: str) -> tuple[int, ...]:
 
 
 def hlo_dots(hlo: str) -> dict[str, list[tuple[int, str]]]:
-    """{thunk name: [(FLOPs, 'lhs . rhs -> out') per dot it runs]} over an optimised HLO module's
+    """{thunk name: [(FLOPs, 'lhs . rhs c[...][...]') per dot it runs]} over an optimised HLO module's
     text: a top-level `dot` is its own thunk, a dot inside a fused computation belongs to the
     fusion that calls it (YNNPACK's `ynn_fusion`s and XLA's own dot fusions alike), so a traced
     thunk's time gives that dot's rate inside the running program. The shapes are the operands'
@@ -366,6 +368,7 @@ def hlo_dots(hlo: str) -> dict[str, list[tuple[int, str]]]:
     types: dict[str, dict[str, str]] = {}
     found: list[tuple[str, str, int, str]] = []  # (computation, instruction, FLOPs, label)
     callers: dict[str, str] = {}  # fused computation: the fusion instruction calling it
+    where: dict[str, str] = {}  # fusion instruction: the computation it sits in
     cur = None
     for line in hlo.splitlines():
         if m := _HEADER.match(line):
@@ -374,8 +377,8 @@ def hlo_dots(hlo: str) -> dict[str, list[tuple[int, str]]]:
         elif (m := _INSTR.match(line)) and cur is not None:
             name, t, op, rest = m.groups()
             types[cur][name] = t
-            if op == "fusion" and (c := re.search(r"\bcalls=%?([\w.\-]+)", rest)):
-                callers[c.group(1)] = name
+            if op == "fusion" and (c := _CALLS.search(rest)):
+                callers[c.group(1)], where[name] = name, cur
             if op == "dot":
                 lhs, rhs = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])[:2]
                 a, b = _dims(types[cur].get(lhs, "")), _dims(types[cur].get(rhs, ""))
@@ -383,16 +386,12 @@ def hlo_dots(hlo: str) -> dict[str, list[tuple[int, str]]]:
                            if d] for side in ("lhs", "rhs"))
                 flops = 2 * math.prod(_dims(t)) * math.prod(a[i] for i in cl)
                 found.append((cur, name, flops, f"{'x'.join(map(str, a))} . {'x'.join(map(str, b))} c{cl}{cr}"))
-    comp_of = {}  # each fusion instruction's computation, to walk nested fusions up to the thunk
-    for comp, names in types.items():
-        for n in names:
-            comp_of.setdefault(n, comp)
     out: dict[str, list[tuple[int, str]]] = {}
     for comp, name, flops, label in found:
         owner = name
         while comp in callers:  # inside a fusion: the thunk is the outermost fusion calling it
             owner = callers[comp]
-            comp = comp_of.get(owner, "")
+            comp = where[owner]
         out.setdefault(owner, []).append((flops, label))
     return out
 
